@@ -1,0 +1,206 @@
+"""Every setting of the job, read once from ``QA_*`` environment variables and validated at start.
+
+``load_settings`` is the only place in the package that reads the environment for ``QA_``
+variables; the frozen ``Settings`` it returns is passed down to every stage. Credentials are not
+settings: boto3 finds them in its own chain (``AWS_*`` variables, mounted files, IRSA), so nothing
+here can print a secret.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import difflib
+import re
+import tempfile
+from pathlib import Path
+from typing import Literal, Mapping
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, PositiveInt, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from job.errors import ConfigError
+
+ENV_PREFIX = "QA_"
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SCHEMES = ("s3://",)
+
+
+def _default_run_id() -> str:
+    return "run-" + _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+class Settings(BaseSettings):
+    """The job's configuration. Each field is the variable ``QA_<FIELD>`` in upper case."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    # identity and places
+    run_id: str = Field(default_factory=_default_run_id, description="identity of the run")
+    output_uri: str = Field("outputs", description="local directory or s3://bucket/prefix")
+    work_dir: str = Field(
+        str(Path(tempfile.gettempdir()) / "qa-finetune"),
+        description="local scratch for features, checkpoints and the model before upload",
+    )
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint; unset = AWS")
+    s3_region: str | None = Field(None, description="region for the S3 client")
+
+    # model and data
+    model_name: str = "distilbert-base-uncased"
+    dataset: str = "squad"
+    dataset_config: str | None = None
+    train_split: str = "train"
+    eval_split: str = "validation"
+    train_uri: str | None = None
+    eval_uri: str | None = None
+    squad_v2: bool = False
+    max_train_samples: PositiveInt | None = None
+    max_eval_samples: PositiveInt | None = None
+
+    # windows and decoding
+    max_length: int = Field(384, ge=32, le=8192)
+    doc_stride: int = Field(128, ge=1)
+    n_best_size: int = Field(20, ge=1, le=1000)
+    max_answer_length: int = Field(30, ge=1, le=1024)
+    null_score_diff_threshold: float = 0.0
+
+    # training (defaults: the published DistilBERT / BERT SQuAD recipe)
+    epochs: float = Field(2.0, gt=0, le=1000)
+    max_steps: int = Field(-1, ge=-1, description="stop after this many steps; -1 = use epochs")
+    learning_rate: float = Field(3e-5, gt=0, lt=1)
+    batch_size: PositiveInt = 12
+    eval_batch_size: PositiveInt = 64
+    grad_accum_steps: PositiveInt = 1
+    weight_decay: float = Field(0.01, ge=0, lt=1)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    seed: int = Field(42, ge=0)
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    group_by_length: bool = True
+    dataloader_workers: int = Field(2, ge=0, le=64)
+    logging_steps: PositiveInt = 50
+
+    # checkpoints, preemption and the run lease
+    checkpoint_steps: int = Field(500, ge=0, description="0 = no step-based checkpoints")
+    checkpoint_minutes: float = Field(30.0, ge=0, description="0 = no time-based checkpoints")
+    checkpoints_to_keep: PositiveInt = 2
+    stop_grace_seconds: float = Field(120.0, gt=0)
+    lease_seconds: float = Field(120.0, ge=5)
+
+    # storage retries: bounded, so an outage ends in exit 75 instead of hanging forever
+    storage_attempts: PositiveInt = 6
+    storage_backoff_seconds: float = Field(1.0, ge=0)
+    storage_timeout_seconds: float = Field(20.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *_others):
+        # load_settings hands the environment in as keyword arguments, after checking for
+        # unknown QA_ names; reading os.environ again here would bypass that check.
+        return (init_settings,)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id_is_a_key(cls, v: str) -> str:
+        if not _RUN_ID.match(v):
+            raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return v
+
+    @field_validator("train_uri", "eval_uri", "output_uri")
+    @classmethod
+    def _known_scheme(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if "://" in v and not v.startswith(_SCHEMES) and not v.startswith("file://"):
+            raise ValueError(f"unsupported URI scheme {v.split('://')[0]!r}: use a local path or s3://bucket/key")
+        if v.startswith("s3://") and not urlsplit(v).netloc:
+            raise ValueError("an s3:// URI needs a bucket: s3://bucket/key")
+        return v
+
+    @property
+    def run_uri(self) -> str:
+        return self.output_uri.rstrip("/") + "/" + self.run_id
+
+    def public_dict(self) -> dict:
+        """The resolved settings with anything secret-looking redacted, for manifests and logs."""
+        return {k: redact(v) for k, v in self.model_dump().items()}
+
+
+def redact(value):
+    """Remove credentials a user may have embedded in a URL (``https://user:pass@host``)."""
+    if not isinstance(value, str) or "@" not in value or "://" not in value:
+        return value
+    parts = urlsplit(value)
+    if parts.username is None and parts.password is None:
+        return value
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+
+
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
+
+
+def known_variables() -> set[str]:
+    return {env_name(f) for f in Settings.model_fields}
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Build the settings from an environment mapping; raise one ConfigError listing every problem."""
+    problems: list[str] = []
+    known = known_variables()
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            guess = difflib.get_close_matches(name.upper(), known, n=1)
+            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            problems.append(f"{name}: unknown setting{hint}")
+    values = {
+        k[len(ENV_PREFIX):].lower(): v
+        for k, v in environ.items()
+        if k.upper().startswith(ENV_PREFIX) and k.upper() in known
+    }
+    settings = None
+    try:
+        # init kwargs, not the environment, so tests and callers can pass any mapping
+        settings = Settings(**{k: _blank_to_none(k, v) for k, v in values.items()})
+    except ValidationError as exc:
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else "?"
+            raw = values.get(field)
+            shown = f" (got {raw!r})" if raw is not None and len(str(raw)) < 80 else ""
+            problems.append(f"{env_name(field)}: {_message(err)}{shown}")
+    if settings is not None:
+        problems.extend(_cross_checks(settings))
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+    return settings
+
+
+def _blank_to_none(field: str, value: str):
+    # An empty variable in a manifest means "unset" for optional fields.
+    if value == "" and Settings.model_fields[field].default is None:
+        return None
+    return value
+
+
+def _message(err: dict) -> str:
+    msg = err.get("msg", "invalid")
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def _cross_checks(s: Settings) -> list[str]:
+    problems = []
+    if s.doc_stride >= s.max_length:
+        problems.append(
+            f"QA_DOC_STRIDE: must be smaller than QA_MAX_LENGTH ({s.doc_stride} >= {s.max_length})"
+        )
+    if s.max_length - s.doc_stride < 16:
+        # a window must advance by at least a few tokens, or long contexts explode into windows
+        if s.doc_stride < s.max_length:
+            problems.append("QA_DOC_STRIDE: leaves fewer than 16 new tokens per window; lower it")
+    if not s.train_uri and not s.dataset:
+        problems.append("QA_TRAIN_URI: set it or QA_DATASET")
+    if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:
+        problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
+    return problems
