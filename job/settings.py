@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     storage_timeout_seconds: float = Field(20.0, gt=0)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, *_others):
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         # load_settings hands the environment in as keyword arguments, after checking for
         # unknown QA_ names; reading os.environ again here would bypass that check.
         return (init_settings,)

@@ -1,0 +1,1 @@
+"""qa-finetune: fine-tune DistilBERT-style models for extractive question answering."""

@@ -1,0 +1,205 @@
+"""Fetch the training and evaluation data and turn any supported shape into validated SQuAD rows.
+
+A row is ``{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}``,
+the layout of the Hugging Face ``squad`` datasets. Files may be nested SQuAD JSON (v1.1/v2.0),
+JSON Lines, Parquet or CSV, on local disk or in ``s3://``; without a file the hub dataset is used.
+Every problem is a ``DataError`` naming the file and the row id.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from job.errors import DataError, StorageUnavailable
+from job.settings import Settings
+from job.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
+
+log = logging.getLogger(__name__)
+FORMATS = {".json": "squad-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str  # "train" or "eval"
+    source: str  # URI or hub id, for messages and the manifest
+    sha256: str  # of the file, or of the hub dataset's fingerprint
+    rows: list[dict]
+
+
+def load_splits(settings: Settings, policy: RetryPolicy) -> tuple[Split, Split]:
+    train = _load_split("train", settings.train_uri, settings.train_split, settings, policy)
+    evals = _load_split("eval", settings.eval_uri, settings.eval_split, settings, policy)
+    return train, evals
+
+
+def _load_split(name: str, uri: str | None, hub_split: str, settings: Settings, policy: RetryPolicy) -> Split:
+    limit = settings.max_train_samples if name == "train" else settings.max_eval_samples
+    if uri:
+        path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
+        raw, digest = read_rows(path, uri), sha256_file(path)
+    else:
+        raw, digest = _hub_rows(settings, hub_split), None
+    rows = validate_rows(raw, source=uri or f"{settings.dataset}[{hub_split}]", squad_v2=settings.squad_v2, require_answers=name == "train")
+    if limit:
+        rows = rows[:limit]
+    if not rows:
+        raise DataError(f"{uri or settings.dataset}: no {name} examples left after filtering (QA_MAX_{name.upper()}_SAMPLES, format)")
+    if digest is None:
+        digest = _fingerprint(rows)
+    log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(rows)})
+    return Split(name, uri or settings.dataset, digest, rows)
+
+
+def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> Path:
+    """Return a local path for ``uri``, downloading ``s3://`` objects into ``dest_dir``."""
+    if not uri.startswith("s3://"):
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not path.is_file():
+            raise DataError(f"{uri}: data file not found")
+        return path
+    bucket, key = split_s3(uri)
+    store = open_storage(f"s3://{bucket}", policy, settings.s3_endpoint_url, settings.s3_region)
+    local = dest_dir / Path(key).name
+    try:
+        store.get_file(key, local)
+    except NotFound:
+        raise DataError(f"{uri}: data object not found") from None
+    return local
+
+
+def read_rows(path: Path, source: str) -> list[dict]:
+    kind = FORMATS.get(path.suffix.lower())
+    if kind is None:
+        raise DataError(f"{source}: unknown data format {path.suffix!r} (use .json, .jsonl, .parquet or .csv)")
+    try:
+        if kind == "squad-json":
+            return _read_squad_json(path, source)
+        if kind == "jsonl":
+            return _read_jsonl(path, source)
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+
+            return [_from_flat(r) for r in pq.read_table(path).to_pylist()]
+        import pandas as pd
+
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return [_from_flat(r) for r in frame.to_dict("records")]
+    except DataError:
+        raise
+    except Exception as exc:  # a parser's own message, kept to one line
+        raise DataError(f"{source}: cannot read as {kind}: {str(exc).splitlines()[0][:200]}") from None
+
+
+def _read_jsonl(path: Path, source: str) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(_from_flat(json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{source}: line {lineno} is not valid JSON ({exc.msg})") from None
+    return rows
+
+
+def _read_squad_json(path: Path, source: str) -> list[dict]:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(doc, list):  # a JSON array of flat rows
+        return [_from_flat(r) for r in doc]
+    if not isinstance(doc, dict) or "data" not in doc:
+        raise DataError(f"{source}: not SQuAD JSON (no top-level 'data')")
+    rows = []
+    for article in doc["data"]:
+        for para in article.get("paragraphs", []):
+            for qa in para.get("qas", []):
+                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
+                rows.append({
+                    "id": qa.get("id"), "title": article.get("title", ""), "context": para.get("context"),
+                    "question": qa.get("question"),
+                    "answers": {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]},
+                })
+    return rows
+
+
+def _from_flat(row: dict) -> dict:
+    """Accept the hub layout, or flat ``answer_text``/``answer_start`` columns (CSV, Parquet)."""
+    if not isinstance(row, dict):
+        return {"id": None}
+    answers = row.get("answers")
+    if isinstance(answers, str):  # CSV cell holding the JSON answers object
+        try:
+            answers = json.loads(answers) if answers.strip() else {"text": [], "answer_start": []}
+        except json.JSONDecodeError:
+            answers = None
+    if answers is None and "answer_text" in row:
+        text, start = row.get("answer_text"), row.get("answer_start")
+        has = text not in (None, "")
+        answers = {"text": [text] if has else [], "answer_start": [_int(start)] if has else []}
+    out = dict(row)
+    out["answers"] = answers
+    return out
+
+
+def _int(value):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def validate_rows(rows: Iterable[dict], source: str, squad_v2: bool, require_answers: bool) -> list[dict]:
+    """Check every row; the first bad one raises a DataError naming the source and row id."""
+    out, seen = [], set()
+    for index, row in enumerate(rows):
+        rid = row.get("id")
+        where = f"{source}: row {rid!r}" if rid not in (None, "") else f"{source}: row #{index + 1}"
+        for field in ("id", "context", "question"):
+            if not isinstance(row.get(field), str) or not row[field].strip():
+                raise DataError(f"{where}: missing or empty field {field!r}")
+        if rid in seen:
+            raise DataError(f"{where}: duplicate id")
+        seen.add(rid)
+        answers = row.get("answers")
+        if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
+            raise DataError(f"{where}: missing field 'answers' ({{'text': [...], 'answer_start': [...]}})")
+        texts, starts = answers["text"], [_int(s) for s in answers["answer_start"]]
+        if len(texts) != len(starts):
+            raise DataError(f"{where}: answers.text and answers.answer_start differ in length")
+        context = row["context"]
+        for text, start in zip(texts, starts):
+            if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
+                raise DataError(f"{where}: answer text must be a string and answer_start an integer")
+            if context[start:start + len(text)] != text:
+                raise DataError(f"{where}: answer_start {start} does not match the context for answer {text[:40]!r}")
+        if not texts and require_answers and not squad_v2:
+            raise DataError(f"{where}: no answer (set QA_SQUAD_V2=true for data with unanswerable questions)")
+        out.append({
+            "id": rid, "title": str(row.get("title") or ""), "context": context, "question": row["question"],
+            "answers": {"text": list(texts), "answer_start": starts},
+        })
+    return out
+
+
+def _hub_rows(settings: Settings, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(settings.dataset, settings.dataset_config, split=split)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        raise StorageUnavailable(f"QA_DATASET={settings.dataset}: hub unreachable ({str(exc).splitlines()[0][:160]})") from None
+    except Exception as exc:
+        raise DataError(f"QA_DATASET={settings.dataset} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
+    return [_from_flat(r) for r in ds]
+
+
+def _fingerprint(rows: list[dict]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+    return h.hexdigest()

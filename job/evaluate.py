@@ -1,0 +1,24 @@
+"""Evaluate: predict logits for every window, decode n-best answers per example, score EM/F1."""
+from __future__ import annotations
+
+import logging
+
+from job.decoding import decode_all
+from job.squad_metrics import squad_scores
+
+log = logging.getLogger(__name__)
+_DECODING_COLUMNS = ("example_index", "offset_mapping")
+
+
+def evaluate(trainer, eval_features, rows: list[dict], settings) -> tuple[dict, dict[str, str]]:
+    model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
+    output = trainer.predict(model_inputs)
+    start_logits, end_logits = output.predictions[:2] if isinstance(output.predictions, tuple) else output.predictions
+    predictions = decode_all(
+        rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,
+        n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
+        version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
+    )
+    scores = squad_scores(rows, predictions, version_2=settings.squad_v2)
+    log.info("evaluation finished", extra={"event": "eval", **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
+    return scores, predictions

@@ -1,0 +1,144 @@
+"""Turn SQuAD rows into span-aligned, stride-windowed features, cached per data and tokenizer.
+
+Long contexts become several windows of at most ``QA_MAX_LENGTH`` tokens that overlap by
+``QA_DOC_STRIDE`` tokens. A training window is labelled with the answer's token start/end only when
+the *whole* answer lies inside its context part; otherwise both labels point at CLS (the
+"no answer here" position). Windows are not padded here: the collator pads each batch to its own
+longest window, which is most of the speed win on SQuAD (~160 real tokens per window, not 384).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from job.errors import DataError
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"  # bump when the feature layout changes, so old caches are not reused
+CHUNK = 1000
+
+
+def label_window(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int | None], answer_start: int | None,
+                 answer_end: int | None, cls_index: int = 0) -> tuple[int, int]:
+    """Token (start, end) of the character span [answer_start, answer_end) in one window.
+
+    ``offsets`` are the tokenizer's character offsets, ``sequence_ids`` mark question (0),
+    context (1) and special tokens (None). Returns ``(cls_index, cls_index)`` when there is no
+    answer or it is not entirely inside the window's context part: a half answer is a wrong label.
+    """
+    if answer_start is None or answer_end is None:
+        return cls_index, cls_index
+    context = [i for i, s in enumerate(sequence_ids) if s == 1]
+    if not context:
+        return cls_index, cls_index
+    first, last = context[0], context[-1]
+    if offsets[first][0] > answer_start or offsets[last][1] < answer_end:
+        return cls_index, cls_index
+    start = first
+    while start <= last and offsets[start][0] <= answer_start:
+        start += 1
+    end = last
+    while end >= first and offsets[end][1] >= answer_end:
+        end -= 1
+    return start - 1, end + 1
+
+
+def tokenize(tokenizer, rows: Sequence[dict], max_length: int, stride: int):
+    # Questions are left-stripped: some have thousands of leading spaces, which would eat the
+    # whole window and make "only_second" truncation fail.
+    return tokenizer(
+        [r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+        truncation="only_second", max_length=max_length, stride=stride,
+        return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
+    )
+
+
+def train_features(tokenizer, rows: Sequence[dict], max_length: int, stride: int) -> dict[str, list]:
+    columns = {name: [] for name in (*tokenizer.model_input_names, "start_positions", "end_positions")}
+    for begin in range(0, len(rows), CHUNK):
+        chunk = rows[begin:begin + CHUNK]
+        enc = tokenize(tokenizer, chunk, max_length, stride)
+        for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
+            answers = chunk[example_index]["answers"]
+            start_char = end_char = None
+            if answers["text"]:
+                start_char = answers["answer_start"][0]
+                end_char = start_char + len(answers["text"][0])
+            ids = enc["input_ids"][i]
+            cls = ids.index(tokenizer.cls_token_id) if tokenizer.cls_token_id in ids else 0
+            s, e = label_window(enc["offset_mapping"][i], enc.sequence_ids(i), start_char, end_char, cls)
+            for name in tokenizer.model_input_names:
+                columns[name].append(enc[name][i])
+            columns["start_positions"].append(s)
+            columns["end_positions"].append(e)
+    return columns
+
+
+def eval_features(tokenizer, rows: Sequence[dict], max_length: int, stride: int) -> dict[str, list]:
+    """Windows plus what decoding needs: the example index and context-only offsets ([-1, -1] elsewhere)."""
+    columns = {name: [] for name in (*tokenizer.model_input_names, "example_index", "offset_mapping")}
+    for begin in range(0, len(rows), CHUNK):
+        enc = tokenize(tokenizer, rows[begin:begin + CHUNK], max_length, stride)
+        for i, example_index in enumerate(enc["overflow_to_sample_mapping"]):
+            seq = enc.sequence_ids(i)
+            for name in tokenizer.model_input_names:
+                columns[name].append(enc[name][i])
+            columns["example_index"].append(begin + example_index)
+            columns["offset_mapping"].append(
+                [list(o) if s == 1 else [-1, -1] for o, s in zip(enc["offset_mapping"][i], seq)]
+            )
+    return columns
+
+
+@dataclass
+class Features:
+    train: object  # datasets.Dataset
+    eval: object  # datasets.Dataset
+    cache_key: str
+    cache_hit: str  # "local", "remote" or "miss"
+
+
+def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, settings) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [CACHE_VERSION, model_name, type(tokenizer).__name__, hashlib.sha256(vocab.encode()).hexdigest(),
+             train_sha, eval_sha, settings.max_length, settings.doc_stride,
+             settings.max_train_samples, settings.max_eval_samples, settings.squad_v2]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def build_features(settings, tokenizer, train, evals, store, is_writer: bool) -> Features:
+    """Load the features from the local or remote cache, or tokenize and cache them."""
+    import datasets
+
+    key = cache_key(tokenizer, settings.model_name, train.sha256, evals.sha256, settings)
+    local = Path(settings.work_dir) / settings.run_id / "features" / key
+    names = ("train.parquet", "eval.parquet")
+    hit = "local" if all((local / n).is_file() for n in names) else "miss"
+    if hit == "miss" and store is not None:
+        remote = [f"cache/features-{key}/{n}" for n in names]
+        if all(k in set(store.list(f"cache/features-{key}/")) for k in remote):
+            for k, n in zip(remote, names):
+                store.get_file(k, local / n)
+            hit = "remote"
+    if hit == "miss":
+        local.mkdir(parents=True, exist_ok=True)
+        tr = train_features(tokenizer, train.rows, settings.max_length, settings.doc_stride)
+        ev = eval_features(tokenizer, evals.rows, settings.max_length, settings.doc_stride)
+        for cols, n in ((tr, names[0]), (ev, names[1])):
+            tmp = local / f".{n}.tmp"
+            datasets.Dataset.from_dict(cols).to_parquet(str(tmp))
+            tmp.replace(local / n)
+        if store is not None and is_writer:
+            for n in names:
+                store.put_file(local / n, f"cache/features-{key}/{n}")
+    train_ds = datasets.Dataset.from_parquet(str(local / names[0]))
+    eval_ds = datasets.Dataset.from_parquet(str(local / names[1]))
+    if len(train_ds) == 0:
+        raise DataError("no training windows produced: check QA_MAX_LENGTH and the data")
+    log.info("features ready", extra={"event": "features", "cache": hit, "cache_key": key,
+                                       "train_windows": len(train_ds), "eval_windows": len(eval_ds)})
+    return Features(train_ds, eval_ds, key, hit)

@@ -1,0 +1,46 @@
+"""One JSON object per line on stdout, so ``kubectl logs`` and log pipelines can follow the run."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info and record.levelno >= logging.ERROR:
+            entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # Third-party libraries speak through the same JSON handler, but only when it matters.
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "datasets", "transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        if not sys.stderr.isatty():
+            transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_default_handler()
+        transformers.utils.logging.enable_propagation()
+        transformers.utils.logging.set_verbosity_warning()
+    except ImportError:
+        pass

@@ -1,0 +1,64 @@
+"""SQuAD exact match and F1 by the official v1.1 / v2.0 evaluation rules, offline.
+
+Normalisation: lower-case, drop ASCII punctuation, drop the words a/an/the, collapse whitespace.
+Scores are the maximum over the gold answers, averaged over questions, times 100.
+"""
+from __future__ import annotations
+
+import collections
+import re
+import string
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def exact(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def f1(prediction: str, gold: str, empty_matches_empty: bool = False) -> float:
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        # v2.0 scores an empty prediction for an empty gold as a match; v1.1 has no special case
+        return float(empty_matches_empty and pred == ref)
+    common = sum((collections.Counter(pred) & collections.Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict:
+    """Official scores for ``rows`` (SQuAD rows with ``answers``) and ``{id: text}`` predictions."""
+    em_total = f1_total = 0.0
+    counted = 0
+    buckets = {"HasAns": [0.0, 0.0, 0], "NoAns": [0.0, 0.0, 0]}
+    for row in rows:
+        rid = row["id"]
+        if version_2:
+            golds = [t for t in row["answers"]["text"] if normalize_answer(t)] or [""]
+            if rid not in predictions:
+                continue  # v2.0 skips questions without a prediction
+        else:
+            golds = row["answers"]["text"]
+        pred = predictions.get(rid)
+        if pred is None:
+            em, f = 0.0, 0.0  # v1.1 counts a missing prediction as wrong
+        else:
+            em = max(exact(pred, g) for g in golds)
+            f = max(f1(pred, g, empty_matches_empty=version_2) for g in golds)
+        em_total, f1_total, counted = em_total + em, f1_total + f, counted + 1
+        if version_2:
+            b = buckets["HasAns" if golds != [""] else "NoAns"]
+            b[0], b[1], b[2] = b[0] + em, b[1] + f, b[2] + 1
+    scores = {"exact_match": 100.0 * em_total / max(counted, 1), "f1": 100.0 * f1_total / max(counted, 1), "total": counted}
+    if version_2:
+        for name, (e, f, n) in buckets.items():
+            scores.update({f"{name}_exact": 100.0 * e / n if n else 0.0, f"{name}_f1": 100.0 * f / n if n else 0.0, f"{name}_total": n})
+    return scores

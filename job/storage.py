@@ -1,0 +1,285 @@
+"""Storage behind one small interface: a local directory or an S3-compatible bucket.
+
+Every botocore error is translated here, at the boundary, into one of four outcomes the rest of
+the job understands: ``NotFound``, ``PreconditionFailed`` (a conditional write lost),
+``StorageDenied`` (credentials or bucket wrong: exit 2, retrying will not help) and
+``StorageUnavailable`` (still failing after bounded retries: exit 75).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, TypeVar
+from urllib.parse import urlsplit
+
+from job.errors import StorageDenied, StorageUnavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class NotFound(Exception):
+    pass
+
+
+class PreconditionFailed(Exception):
+    """A conditional write (IfNoneMatch / IfMatch) found the object not as expected."""
+
+
+class Storage(Protocol):
+    """Keys are '/'-separated and relative to the storage's root URI."""
+
+    uri: str
+
+    def put_file(self, local: Path, key: str) -> None: ...
+    def get_file(self, key: str, local: Path) -> None: ...
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str: ...
+    def get_bytes(self, key: str) -> tuple[bytes, str]: ...
+    def size(self, key: str) -> int: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 6
+    backoff_seconds: float = 1.0
+    timeout_seconds: float = 20.0
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def open_storage(uri: str, policy: RetryPolicy, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    if uri.startswith("s3://"):
+        bucket, prefix = split_s3(uri)
+        return S3Storage(bucket, prefix, policy, endpoint_url, region)
+    if uri.startswith("file://"):
+        uri = uri[len("file://"):]
+    return LocalStorage(Path(uri))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class LocalStorage:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.uri = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key
+
+    def put_file(self, local: Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.part")
+        shutil.copyfile(local, tmp)
+        os.replace(tmp, dest)
+
+    def get_file(self, key: str, local: Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise NotFound(key)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.part")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, local)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if if_none_match:
+            try:  # O_EXCL is the filesystem's own "create only if absent"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                raise PreconditionFailed(key) from None
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return hashlib.md5(data).hexdigest()
+        if if_match is not None:
+            try:
+                current, etag = self.get_bytes(key)
+            except NotFound:
+                raise PreconditionFailed(key) from None
+            if etag != if_match:
+                raise PreconditionFailed(key)
+        atomic_write(path, data)
+        return hashlib.md5(data).hexdigest()
+
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        try:
+            data = self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
+            raise NotFound(key) from None
+        return data, hashlib.md5(data).hexdigest()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            raise NotFound(key) from None
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        keys = []
+        for p in start.rglob("*"):
+            if p.is_file() and not p.name.startswith("."):
+                key = p.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # S3 has no folders; here an emptied one is removed so listings look the same
+        for parent in path.parents:
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled", "403"}
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
+
+
+class S3Storage:
+    def __init__(self, bucket: str, prefix: str, policy: RetryPolicy, endpoint_url: str | None, region: str | None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.policy = policy
+        # Retries are ours (bounded, with backoff, and aware of which errors are permanent),
+        # so botocore's own are off. Checksums only when required: several S3-compatible
+        # stores reject the CRC headers boto3 >= 1.36 sends by default.
+        config = Config(
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=policy.timeout_seconds,
+            read_timeout=policy.timeout_seconds,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+        attempts = attempts or self.policy.attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except NoCredentialsError:
+                raise StorageDenied(f"no S3 credentials found for {self.uri} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in _NOT_FOUND or status == 404 and code not in _DENIED:
+                    raise NotFound(what) from None
+                if code in _PRECONDITION or status == 412:
+                    raise PreconditionFailed(what) from None
+                if code in _DENIED or status in (401, 403):
+                    raise StorageDenied(f"storage refused {what} on {self.uri}: {code or status} (check credentials and bucket)") from None
+                if status and status < 500 and code not in ("SlowDown", "RequestTimeout", "RequestTimeTooSkewed"):
+                    raise StorageDenied(f"storage rejected {what} on {self.uri}: {code or status}") from None
+                error = f"{code or status}"
+            except BotoCoreError as exc:  # connection refused/reset, timeouts, DNS
+                error = type(exc).__name__
+            if attempt < attempts:
+                delay = min(self.policy.backoff_seconds * 2 ** (attempt - 1), 30.0)
+                log.warning("storage %s failed (%s), retry %d/%d in %.1fs", what, error, attempt, attempts - 1, delay)
+                time.sleep(delay)
+        raise StorageUnavailable(f"storage {self.uri} unreachable: {what} failed {attempts} times ({error})")
+
+    def put_file(self, local: Path, key: str) -> None:
+        self._call(f"upload {key}", lambda: self.client.upload_file(str(local), self.bucket, self._key(key)))
+
+    def get_file(self, key: str, local: Path) -> None:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.part")
+
+        def fetch():
+            self.client.download_file(self.bucket, self._key(key), str(tmp))
+            os.replace(tmp, local)
+
+        try:
+            self._call(f"download {key}", fetch)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        extra = {}
+        if if_none_match:
+            extra["IfNoneMatch"] = "*"
+        if if_match is not None:
+            extra["IfMatch"] = if_match
+        resp = self._call(f"write {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra))
+        return resp.get("ETag", "")
+
+    def get_bytes(self, key: str) -> tuple[bytes, str]:
+        def fetch():
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read(), resp.get("ETag", "")
+
+        return self._call(f"read {key}", fetch)
+
+    def size(self, key: str) -> int:
+        return self._call(f"stat {key}", lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key))["ContentLength"])
+
+    def list(self, prefix: str) -> list[str]:
+        def fetch():
+            keys, strip = [], len(self.prefix) + 1 if self.prefix else 0
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
+            return sorted(keys)
+
+        return self._call(f"list {prefix or '/'}", fetch)
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+    def check_access(self) -> None:
+        """Fail fast at start on wrong credentials or a missing bucket (exit 2), or an outage (75)."""
+        self._call("access check", lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=self._key(""), MaxKeys=1))
