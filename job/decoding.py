@@ -14,6 +14,8 @@ import numpy as np
 @dataclass(frozen=True)
 class Answer:
     text: str
+    start: int  # character offsets into the context; -1 when empty
+    end: int
     score: float  # start + end logit of the best span; -inf when no span qualified
     null_score: float  # smallest CLS (no answer) score over the example's windows
 
@@ -45,10 +47,9 @@ def decode_answer(windows: Iterable[tuple[Sequence[float], Sequence[float], Sequ
                 score = float(start_logits[s] + end_logits[e])
                 if score > best_score:
                     best_score, best_span = score, (int(offsets[s][0]), int(offsets[e][1]))
-    text = context[best_span[0]:best_span[1]] if best_span else ""
-    if version_2 and null_score - best_score > null_threshold:
-        text = ""
-    return Answer(text, best_score, null_score)
+    if best_span is None or (version_2 and null_score - best_score > null_threshold):
+        return Answer("", -1, -1, best_score, null_score)
+    return Answer(context[best_span[0]:best_span[1]], best_span[0], best_span[1], best_score, null_score)
 
 
 def decode_all(rows: Sequence[dict], example_index: Sequence[int], offsets: Sequence, start_logits, end_logits,

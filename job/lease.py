@@ -35,7 +35,7 @@ class Lease:
                            "expires_at": time.time() + self.ttl}).encode()
 
     def acquire(self) -> None:
-        for _ in range(3):  # the lease may vanish between our failed create and our read
+        for _ in range(4):  # the lease may change or vanish between our failed create and our read
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_none_match=True)
                 break
@@ -49,21 +49,44 @@ class Lease:
             if current.get("holder") == self.token:  # our own create, retried after a lost reply
                 self.etag = etag
                 break
-            if current.get("expires_at", 0) > time.time():
+            if not self._holder_gone(current, etag):
                 raise RunLocked(
                     f"QA_RUN_ID={self.run_id} is already running on {current.get('host')} (pid {current.get('pid')}); "
-                    f"its lease expires in {current['expires_at'] - time.time():.0f}s unless renewed")
+                    "wait for it to finish, or use another run id")
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_match=etag)
-                log.warning("took over a stale lease", extra={"event": "lease_takeover", "previous_host": current.get("host")})
+                log.warning("took over a stale lease", extra={"event": "lease_takeover", "previous_host": current.get("host"),
+                                                              "previous_pid": current.get("pid")})
                 break
             except PreconditionFailed:
-                raise RunLocked(f"QA_RUN_ID={self.run_id}: another process took over the stale lease first") from None
+                continue  # someone else renewed or took it over meanwhile: look again
         else:
             raise RunLocked(f"QA_RUN_ID={self.run_id}: could not take the run lease")
         log.info("lease taken", extra={"event": "lease", "ttl_seconds": self.ttl})
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()
+
+    def _holder_gone(self, current: dict, etag: str) -> bool:
+        """True when the holder is dead: a dead pid on this host, or no renewal until expiry.
+
+        A live holder renews every ttl/3, so a lease unchanged after ttl/2 belongs to a process
+        that was killed; we then wait for its expiry rather than exit and burn a Job retry.
+        """
+        if current.get("host") == socket.gethostname() and (current.get("pid") == os.getpid() or not _alive(current.get("pid"))):
+            return True  # same machine (or container restarted in place): that process is gone
+        if current.get("expires_at", 0) <= time.time():
+            return True
+        time.sleep(self.ttl / 2)
+        try:
+            raw, now_etag = self.store.get_bytes(KEY)
+        except NotFound:
+            return True
+        if now_etag != etag:
+            return False  # renewed: the holder is alive
+        wait = _parse(raw).get("expires_at", 0) - time.time()
+        log.warning("lease not renewed, waiting for it to expire", extra={"event": "lease_wait", "seconds": round(max(wait, 0), 1)})
+        time.sleep(max(wait, 0) + 0.5)
+        return True
 
     def _renew_loop(self) -> None:
         while not self._stop.wait(self.ttl / 3):
@@ -95,6 +118,18 @@ class Lease:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _parse(raw: bytes) -> dict:

@@ -1,0 +1,78 @@
+"""Every input format reads to the same rows; bad data fails on the named file and row."""
+import json
+
+import pandas as pd
+import pytest
+
+from job.data import read_rows, validate_rows
+from job.errors import DataError
+from tests.conftest import DATA
+
+
+def flat(rows):
+    return [{"id": r["id"], "title": r["title"], "context": r["context"], "question": r["question"],
+             "answer_text": r["answers"]["text"][0] if r["answers"]["text"] else "",
+             "answer_start": r["answers"]["answer_start"][0] if r["answers"]["text"] else ""} for r in rows]
+
+
+def check(rows, expected, squad_v2=False):
+    got = validate_rows(rows, "x", squad_v2=squad_v2, require_answers=True)
+    assert [(r["id"], r["answers"]["text"][:1]) for r in got] == [(r["id"], r["answers"]["text"][:1]) for r in expected]
+
+
+def test_jsonl(train_rows):
+    check(read_rows(DATA / "squad_v1_train_64.jsonl", "f"), train_rows)
+
+
+def test_nested_squad_v1_and_v2():
+    v1 = read_rows(DATA / "squad_v1_dev_nested_small.json", "f")
+    assert len(v1) > 10 and all(len(r["answers"]["text"]) >= 1 for r in v1)
+    v2 = validate_rows(read_rows(DATA / "squad_v2_dev_nested_small.json", "f"), "f", squad_v2=True, require_answers=True)
+    assert any(not r["answers"]["text"] for r in v2) and any(r["answers"]["text"] for r in v2)
+
+
+def test_parquet_hub_layout_and_flat(tmp_path, train_rows):
+    pd.DataFrame(train_rows).to_parquet(tmp_path / "hub.parquet")
+    check(read_rows(tmp_path / "hub.parquet", "f"), train_rows)
+    pd.DataFrame(flat(train_rows)).to_parquet(tmp_path / "flat.parquet")
+    check(read_rows(tmp_path / "flat.parquet", "f"), train_rows)
+
+
+def test_csv_flat_and_json_answers(tmp_path, train_rows):
+    pd.DataFrame(flat(train_rows)).to_csv(tmp_path / "flat.csv", index=False)
+    check(read_rows(tmp_path / "flat.csv", "f"), train_rows)
+    frame = pd.DataFrame(train_rows)
+    frame["answers"] = frame["answers"].map(json.dumps)
+    frame.to_csv(tmp_path / "json.csv", index=False)
+    check(read_rows(tmp_path / "json.csv", "f"), train_rows)
+
+
+def test_unanswerable_train_row_needs_squad_v2(train_rows):
+    row = dict(train_rows[0], answers={"text": [], "answer_start": []})
+    with pytest.raises(DataError, match="QA_SQUAD_V2"):
+        validate_rows([row], "train.jsonl", squad_v2=False, require_answers=True)
+    assert validate_rows([row], "train.jsonl", squad_v2=True, require_answers=True)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"question": None}, "row 'R1': missing or empty field 'question'"),
+    ({"context": ""}, "row 'R1': missing or empty field 'context'"),
+    ({"answers": None}, "row 'R1': missing field 'answers'"),
+    ({"answers": {"text": ["Paris"], "answer_start": [3]}}, "row 'R1': answer_start 3 does not match the context"),
+    ({"answers": {"text": ["Paris"], "answer_start": []}}, "row 'R1': answers.text and answers.answer_start differ"),
+])
+def test_bad_rows_are_named(change, needle):
+    row = {"id": "R1", "context": "Paris is nice.", "question": "Where?", "answers": {"text": ["Paris"], "answer_start": [0]}}
+    row.update(change)
+    with pytest.raises(DataError) as info:
+        validate_rows([row], "train.jsonl", squad_v2=False, require_answers=True)
+    assert str(info.value).startswith("train.jsonl: ") and needle in str(info.value)
+
+
+def test_unreadable_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n{not json\n')
+    with pytest.raises(DataError, match="bad.jsonl: line 2 is not valid JSON"):
+        read_rows(tmp_path / "bad.jsonl", str(tmp_path / "bad.jsonl"))
+    (tmp_path / "data.txt").write_text("x")
+    with pytest.raises(DataError, match="unknown data format"):
+        read_rows(tmp_path / "data.txt", "data.txt")

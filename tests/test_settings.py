@@ -1,0 +1,54 @@
+"""Settings: validated at start, every problem listed at once, naming the variable."""
+import pytest
+
+from job.errors import EXIT_CONFIG, ConfigError
+from job.settings import load_settings
+
+
+def problems(env):
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    assert info.value.exit_code == EXIT_CONFIG
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_defaults_follow_the_published_recipe():
+    s = load_settings({})
+    assert (s.model_name, s.dataset, s.max_length, s.doc_stride, s.precision) == ("distilbert-base-uncased", "squad", 384, 128, "auto")
+    assert (s.learning_rate, s.batch_size, s.epochs) == (3e-5, 12, 2.0)
+    assert s.run_id.startswith("run-")
+
+
+def test_values_are_parsed():
+    s = load_settings({"QA_EPOCHS": "1.5", "QA_SQUAD_V2": "true", "QA_MAX_TRAIN_SAMPLES": "10", "QA_RUN_ID": "nightly-1"})
+    assert (s.epochs, s.squad_v2, s.max_train_samples, s.run_uri) == (1.5, True, 10, "outputs/nightly-1")
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"QA_EPOCHS": "two"}, "QA_EPOCHS"),
+    ({"QA_BATCH_SIZE": "0"}, "QA_BATCH_SIZE"),
+    ({"QA_LEARNING_RATE": "-1"}, "QA_LEARNING_RATE"),
+    ({"QA_PRECISION": "fp8"}, "QA_PRECISION"),
+    ({"QA_DOC_STRIDE": "384"}, "QA_DOC_STRIDE: must be smaller than QA_MAX_LENGTH"),
+    ({"QA_EPOHCS": "3"}, "QA_EPOHCS: unknown setting (did you mean QA_EPOCHS?)"),
+    ({"QA_TRAIN_URI": "gs://bucket/train.json"}, "QA_TRAIN_URI: unsupported URI scheme 'gs'"),
+    ({"QA_OUTPUT_URI": "s3:///nobucket"}, "QA_OUTPUT_URI: an s3:// URI needs a bucket"),
+    ({"QA_RUN_ID": "../escape"}, "QA_RUN_ID"),
+])
+def test_bad_values_name_the_variable(env, needle):
+    assert needle in problems(env)
+
+
+def test_every_problem_is_listed_at_once():
+    msg = problems({"QA_EPOCHS": "x", "QA_BATCH_SIZE": "-3", "QA_SEED_": "1"})
+    assert "QA_EPOCHS" in msg and "QA_BATCH_SIZE" in msg and "QA_SEED_" in msg
+
+
+def test_empty_optional_means_unset():
+    assert load_settings({"QA_TRAIN_URI": "", "QA_S3_ENDPOINT_URL": ""}).train_uri is None
+
+
+def test_manifest_view_redacts_credentials_in_urls():
+    s = load_settings({"QA_S3_ENDPOINT_URL": "https://key:secret@minio.local:9000"})
+    assert "secret" not in str(s.public_dict()) and "minio.local:9000" in s.public_dict()["s3_endpoint_url"]

@@ -1,0 +1,41 @@
+"""EM/F1 by the official SQuAD v1.1 and v2.0 rules."""
+import pytest
+
+from job.squad_metrics import f1, normalize_answer, squad_scores
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The Denver Broncos!", "denver broncos"),
+    ("  a  tale of   an apple ", "tale of apple"),
+    ("Theory", "theory"),  # 'the' only as a whole word
+    ("“quoted” – dash", "“quoted” – dash"),  # Unicode punctuation is kept
+])
+def test_normalize(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_f1_partial_overlap():
+    assert f1("Denver Broncos team", "the Denver Broncos") == pytest.approx(0.8)
+
+
+def rows(*specs):
+    return [{"id": i, "answers": {"text": list(golds), "answer_start": [0] * len(golds)}} for i, golds in specs]
+
+
+def test_v1_max_over_golds_and_missing_counts_as_wrong():
+    data = rows(("q1", ["February 7", "February 7, 2016"]), ("q2", ["Santa Clara"]))
+    scores = squad_scores(data, {"q1": "February 7, 2016"})
+    assert scores["exact_match"] == pytest.approx(50.0) and scores["f1"] == pytest.approx(50.0)
+    assert scores["total"] == 2
+
+
+def test_v2_empty_gold_and_skips_missing():
+    data = rows(("q1", []), ("q2", ["Normandy"]), ("q3", ["France"]))
+    scores = squad_scores(data, {"q1": "", "q2": "in Normandy"}, version_2=True)
+    assert scores["total"] == 2
+    assert scores["NoAns_exact"] == 100.0 and scores["HasAns_exact"] == 0.0
+    assert scores["f1"] == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+def test_v1_empty_prediction_on_empty_normalised_gold_scores_zero_f1():
+    assert squad_scores(rows(("q", ["the"])), {"q": ""})["f1"] == 0.0
