@@ -23,6 +23,9 @@ from job.errors import ConfigError
 ENV_PREFIX = "QA_"
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SCHEMES = ("s3://",)
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP... for every Service in the
+# namespace; a Service named "qa-..." must not turn into an "unknown setting" error.
+_SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
 
 
 def _default_run_id() -> str:
@@ -151,7 +154,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     problems: list[str] = []
     known = known_variables()
     for name in sorted(environ):
-        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known and not _SERVICE_LINK.search(name.upper()):
             guess = difflib.get_close_matches(name.upper(), known, n=1)
             hint = f" (did you mean {guess[0]}?)" if guess else ""
             problems.append(f"{name}: unknown setting{hint}")

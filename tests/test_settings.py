@@ -52,3 +52,9 @@ def test_empty_optional_means_unset():
 def test_manifest_view_redacts_credentials_in_urls():
     s = load_settings({"QA_S3_ENDPOINT_URL": "https://key:secret@minio.local:9000"})
     assert "secret" not in str(s.public_dict()) and "minio.local:9000" in s.public_dict()["s3_endpoint_url"]
+
+
+def test_kubernetes_service_links_are_not_settings():
+    s = load_settings({"QA_FINETUNE_WORKER_0_SERVICE_HOST": "10.0.0.1", "QA_FINETUNE_WORKER_0_PORT_23456_TCP_ADDR": "10.0.0.1",
+                       "QA_FINETUNE_WORKER_0_SERVICE_PORT": "23456", "QA_FINETUNE_WORKER_0_PORT": "tcp://10.0.0.1:23456"})
+    assert s.model_name == "distilbert-base-uncased"
