@@ -192,7 +192,7 @@ class S3Storage:
         # so botocore's own are off. Checksums only when required: several S3-compatible
         # stores reject the CRC headers boto3 >= 1.36 sends by default.
         config = Config(
-            retries={"max_attempts": 1, "mode": "standard"},
+            retries={"total_max_attempts": 1},
             connect_timeout=policy.timeout_seconds,
             read_timeout=policy.timeout_seconds,
             request_checksum_calculation="when_required",

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import urllib.request
 import weakref
 from pathlib import Path
 
@@ -36,19 +37,15 @@ _FIXED_FLAGS = (
 _LIVE: "weakref.WeakSet[SeaweedServer]" = weakref.WeakSet()
 
 
-def _port_pool() -> range:
+def _pick_ports() -> dict[str, int]:
     # Ports below the kernel's ephemeral range: client sockets and port-0 listeners (FaultProxy)
-    # are never handed these, so a server stopped for a while can get its own ports back.
+    # are never handed these, so a server stopped for a while gets its own ports back.
     try:
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     low = low if low >= 16000 else 32768  # odd kernel setting: accept a small collision risk
-    return range(low - 12000, low)
-
-
-def _pick_ports() -> dict[str, int]:
-    pool, rng, held = _port_pool(), random.SystemRandom(), []
+    pool, rng, held = range(low - 12000, low), random.SystemRandom(), []
 
     def grab(port: int) -> bool:
         s = socket.socket()
@@ -61,12 +58,9 @@ def _pick_ports() -> dict[str, int]:
         return True
 
     try:
-        while True:
-            admin = rng.randrange(pool.start, pool.stop - _ADMIN_GRPC_OFFSET)
-            if grab(admin):
-                if grab(admin + _ADMIN_GRPC_OFFSET):
-                    break
-                held.pop().close()
+        while not (grab(admin := rng.randrange(pool.start, pool.stop - _ADMIN_GRPC_OFFSET))
+                   and grab(admin + _ADMIN_GRPC_OFFSET)):
+            pass
         ports = {"admin.port": admin}
         for flag in _PORT_FLAGS:
             while not grab(port := rng.randrange(pool.start, pool.stop)):
@@ -115,18 +109,16 @@ class SeaweedServer:
     def start(self) -> "SeaweedServer":
         if self.running:
             raise RuntimeError("already running")
-        if self.ports is not None:  # a restart: same ports, same data
-            self._launch()
-            return self
+        restart = self.ports is not None  # a restart keeps its ports and its data
         for attempt in range(3):
-            self.ports = _pick_ports()
-            shutil.rmtree(self.store_dir, ignore_errors=True)
+            if not restart:
+                self.ports = _pick_ports()
+                shutil.rmtree(self.store_dir, ignore_errors=True)
             try:
                 self._launch()
                 return self
-            except RuntimeError as e:
-                # another process took a port between picking and binding: pick again
-                if attempt == 2 or "address already in use" not in str(e):
+            except RuntimeError as e:  # a port taken between picking and binding: pick again
+                if restart or attempt == 2 or "Port allocation failed" not in str(e):
                     raise
         raise AssertionError("unreachable")
 
@@ -138,6 +130,8 @@ class SeaweedServer:
             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }]}))
+        # Every option on every start: weed saves them to store/mini.options and reloads that file,
+        # but explicit flags win over it, so a restart cannot pick up anything stale.
         args = [shutil.which("weed") or "weed", "-logtostderr=true", "mini", f"-dir={self.store_dir}",
                 f"-s3.config={self.config_path}", *_FIXED_FLAGS,
                 *(f"-{flag}={port}" for flag, port in self.ports.items())]
@@ -158,7 +152,8 @@ class SeaweedServer:
                 raise RuntimeError(f"weed mini exited with {rc}:\n{self.log_tail()}")
             try:
                 probe.list_buckets()  # signed: proves S3, filer and the identity file are up
-                return
+                if self._volumes_registered():
+                    return
             except (BotoCoreError, ClientError):
                 pass
             if time.monotonic() > deadline:
@@ -166,24 +161,38 @@ class SeaweedServer:
                 raise RuntimeError(f"S3 not ready after {self.start_timeout}s:\n{self.log_tail()}")
             time.sleep(0.1)
 
+    def _volumes_registered(self) -> bool:
+        # S3 answers before the master has the volume server: its first heartbeat can reach the
+        # master before it elects itself and is retried seconds later. Until then writes find no
+        # volume and, after a restart, reads of old objects fail with 500 InternalError.
+        master = f"http://{self.host}:{self.ports['master.port']}"
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        try:
+            with opener.open(f"{master}/dir/status", timeout=2) as r:
+                if not json.load(r)["Topology"].get("Max"):  # 0 until a volume server joined
+                    return False
+            for dat in self.store_dir.glob("*.dat"):  # "<id>.dat" or "<collection>_<id>.dat"
+                opener.open(f"{master}/dir/lookup?volumeId={dat.stem.rsplit('_', 1)[-1]}",
+                            timeout=2).close()  # 404 while that volume is unknown
+        except (OSError, ValueError, KeyError):
+            return False
+        return True
+
     def stop(self, timeout: float = 15.0) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
         try:
-            for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-                if proc.poll() is not None:
-                    break
+            if proc.poll() is None:  # never signal a pid that was already reaped (and reused)
+                os.killpg(proc.pid, signal.SIGTERM)  # its own session: reaches anything it forks
                 try:
-                    os.killpg(proc.pid, sig)  # its own session: reaches any child it forked too
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(wait)
+                    proc.wait(timeout)
                 except subprocess.TimeoutExpired:
-                    continue
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+        except ProcessLookupError:
+            pass
         finally:
-            proc.poll()
             _LIVE.discard(self)
             # weed leaves its unix sockets in /tmp, named after our ports
             for port in [*self.ports.values(), self.ports["admin.port"] + _ADMIN_GRPC_OFFSET]:
@@ -196,10 +205,8 @@ class SeaweedServer:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
 
     def client(self, endpoint: str | None = None, *, secret_key: str | None = None, **config):
         """A boto3 S3 client; ``config`` overrides botocore ``Config`` fields (retries, timeouts)."""
@@ -226,4 +233,4 @@ class SeaweedServer:
 @atexit.register
 def _stop_leftovers() -> None:  # a crashed or interrupted session must not leave weed running
     for server in list(_LIVE):
-        server.stop(timeout=5)
+        server.close()
