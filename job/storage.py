@@ -229,7 +229,8 @@ class S3Storage:
                 error = type(exc).__name__
             if attempt < attempts:
                 delay = min(self.policy.backoff_seconds * 2 ** (attempt - 1), 30.0)
-                log.warning("storage %s failed (%s), retry %d/%d in %.1fs", what, error, attempt, attempts - 1, delay)
+                log.warning("storage call failed, retrying", extra={"event": "storage_retry", "call": what, "error": error,
+                                                                   "attempt": attempt, "delay_seconds": delay})
                 time.sleep(delay)
         raise StorageUnavailable(f"storage {self.uri} unreachable: {what} failed {attempts} times ({error})")
 

@@ -59,12 +59,66 @@ def job_env(tmp: Path, model: Path, **settings: str) -> dict[str, str]:
     return env
 
 
-def run_job(env: dict[str, str], module: str = "job", args: tuple[str, ...] = (), timeout: float = 300) -> JobResult:
+def _child_env(env: dict[str, str]) -> dict[str, str]:
     full = {k: os.environ[k] for k in _KEEP if k in os.environ}
     full.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
                  "PYTHONPATH": str(ROOT), "AWS_EC2_METADATA_DISABLED": "true",
                  "AWS_CONFIG_FILE": "/dev/null", "AWS_SHARED_CREDENTIALS_FILE": "/dev/null"})
     full.update(env)
-    proc = subprocess.run([sys.executable, "-m", module, *args], env=full, cwd=ROOT, capture_output=True,
+    return full
+
+
+def run_job(env: dict[str, str], module: str = "job", args: tuple[str, ...] = (), timeout: float = 300) -> JobResult:
+    proc = subprocess.run([sys.executable, "-m", module, *args], env=_child_env(env), cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
     return JobResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+class RunningJob:
+    """A job started in the background whose JSON events can be awaited while it runs."""
+
+    def __init__(self, env: dict[str, str], module: str = "job", args: tuple[str, ...] = ()):
+        import threading
+
+        full = _child_env(env)
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], env=full, cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self._err: list[str] = []
+        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self._err), daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _pump(stream, sink):
+        for line in stream:
+            sink.append(line)
+
+    def wait_for(self, event: str, timeout: float = 120, where=lambda e: True) -> dict:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                if entry.get("event") == event and where(entry):
+                    return entry
+            if self.proc.poll() is not None and not any(t.is_alive() for t in self._threads[:1]):
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"no {event!r} event; exit {self.proc.poll()}; log tail: {''.join(self.lines[-20:])}{''.join(self._err[-5:])}")
+
+    def finish(self, timeout: float = 300) -> JobResult:
+        try:
+            self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        for t in self._threads:
+            t.join(5)
+        return JobResult(self.proc.returncode, "".join(self.lines), "".join(self._err))

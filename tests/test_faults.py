@@ -1,0 +1,95 @@
+"""Storage faults during a run, through our own TCP proxy and a real SeaweedFS server."""
+import hashlib
+import json
+import time
+import uuid
+
+from tests.support.jobrun import RunningJob, job_env, run_job
+from tests.support.s3_fixtures import s3_env
+
+FAST = dict(QA_MAX_TRAIN_SAMPLES="24", QA_BATCH_SIZE="4", QA_LOGGING_STEPS="1", QA_STORAGE_ATTEMPTS="3",
+            QA_STORAGE_BACKOFF_SECONDS="0.2", QA_STORAGE_TIMEOUT_SECONDS="3")
+
+
+def verify_committed(client, bucket, run_prefix) -> list[int]:
+    """Every committed checkpoint's files exist with the size and sha256 its marker lists."""
+    keys = {o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=run_prefix + "checkpoints/")
+            for o in page.get("Contents", [])}
+    steps = []
+    for marker in sorted(k for k in keys if k.endswith("/COMMIT.json")):
+        base = marker[: -len("COMMIT.json")]
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=marker)["Body"].read())
+        for name, meta in manifest["files"].items():
+            body = client.get_object(Bucket=bucket, Key=base + name)["Body"].read()
+            assert len(body) == meta["size"] and hashlib.sha256(body).hexdigest() == meta["sha256"], base + name
+        steps.append(manifest["step"])
+    return steps
+
+
+def new_bucket(server):
+    name = f"faults-{uuid.uuid4().hex[:10]}"
+    server.client().create_bucket(Bucket=name)
+    return name
+
+
+def test_connection_resets_during_uploads_are_survived(seaweed, fault_proxy, tmp_path, tiny_model):
+    bucket, proxy = new_bucket(seaweed), fault_proxy(seaweed)
+    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="16", QA_CHECKPOINT_STEPS="2",
+                  **{**FAST, **s3_env(seaweed, proxy.endpoint)})
+    job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.1",))
+    job.wait_for("train_start")
+    proxy.reset_next(4)  # the next uploads (and lease renewals) meet connection resets
+    job.wait_for("storage_retry", timeout=60)
+    proxy.reset_after_bytes(20_000)  # then uploads are cut midway for a while
+    time.sleep(1.0)
+    proxy.pass_through()
+    result = job.finish()
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    assert proxy.resets_done >= 4
+    assert verify_committed(seaweed.client(), bucket, "runs/test-run/")
+    assert seaweed.client().head_object(Bucket=bucket, Key="runs/test-run/COMPLETE")
+
+
+def test_server_down_for_20_seconds_mid_run(seaweed_private, tmp_path, tiny_model):
+    server = seaweed_private
+    bucket = new_bucket(server)
+    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="60", QA_CHECKPOINT_STEPS="5",
+                  **{**FAST, **s3_env(server)})
+    job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.5",))
+    job.wait_for("checkpoint_committed", timeout=120)
+    server.stop()
+    down_at = time.time()
+    time.sleep(20)
+    server.start()
+    up_at = time.time()
+    result = job.finish()
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+
+    def when(event):
+        return time.mktime(time.strptime(event["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+
+    steps_during_outage = [e["step"] for e in result.event("progress") if down_at + 1 < when(e) < up_at - 1]
+    assert len(steps_during_outage) >= 10, "training must go on while storage is down"
+    assert result.event("checkpoint_retry")
+    assert max(verify_committed(server.client(), bucket, "runs/test-run/")) == 60
+
+
+def test_storage_unreachable_at_publish_exits_75_then_rerun_publishes(seaweed, fault_proxy, tmp_path, tiny_model):
+    bucket, proxy = new_bucket(seaweed), fault_proxy(seaweed)
+    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="4",
+                  **{**FAST, **s3_env(seaweed, proxy.endpoint)})
+    job = RunningJob(env, module="tests.support.killer", args=("pause:stage=2",))
+    job.wait_for("eval", timeout=120)
+    proxy.reset_next(1_000_000)
+    result = job.finish()
+    assert result.returncode == 75, result.stderr + result.stdout[-3000:]
+    assert "unreachable" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "work" / "test-run" / "publish" / "model" / "model.safetensors").is_file()
+
+    proxy.pass_through()
+    rerun = run_job(env)
+    assert rerun.returncode == 0, rerun.stderr + rerun.stdout[-3000:]
+    assert rerun.event("publish_staged") and not rerun.event("train_start")
+    client = seaweed.client()
+    metrics = json.loads(client.get_object(Bucket=bucket, Key="runs/test-run/metrics.json")["Body"].read())
+    assert metrics["global_step"] == 4 and client.head_object(Bucket=bucket, Key="runs/test-run/COMPLETE")
