@@ -11,9 +11,18 @@ from job.errors import EXIT_OK, EXIT_UNEXPECTED, JobError
 
 def main(environ=None) -> int:
     environ = os.environ if environ is None else environ
+    code = _run(environ)
+    exit_dir = environ.get("QAFT_LAUNCH_EXIT_DIR")  # set by job.launch, which reports our code for torchrun
+    if exit_dir:
+        with open(os.path.join(exit_dir, f"rank-{environ.get('RANK', '0')}"), "w") as f:
+            f.write(str(code))
+    return code
+
+
+def _run(environ) -> int:
     from job.logs import setup_logging
 
-    setup_logging()
+    setup_logging(rank=int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None)
     log = logging.getLogger("job")
     try:
         from job.pipeline import Ranks, run

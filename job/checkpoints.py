@@ -165,9 +165,10 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         stopping = self.stop.requested or (self.lease is not None and self.lease.lost.is_set())
-        if (stopping or step >= state.max_steps
-                or (self.every_steps and step % self.every_steps == 0)
-                or (self.every_seconds and time.monotonic() - self._last >= self.every_seconds)):
+        timely = bool(self.every_seconds) and time.monotonic() - self._last >= self.every_seconds
+        if args.world_size > 1:
+            stopping, timely = _agree(args.device, stopping, timely)
+        if stopping or timely or step >= state.max_steps or (self.every_steps and step % self.every_steps == 0):
             control.should_save = True
         if stopping:
             control.should_training_stop = True
@@ -181,6 +182,16 @@ class CheckpointCallback(TrainerCallback):
             dist.barrier()  # every rank has written its RNG state before rank 0 hashes the folder
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+def _agree(device, *flags: bool) -> list[bool]:
+    """Every rank must stop and save at the same step, or DDP deadlocks: any rank's yes is everyone's."""
+    import torch
+    import torch.distributed as dist
+
+    votes = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
 
 
 def restore(store: Storage, local_root: Path, only_step: int | None = None) -> Path | None:

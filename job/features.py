@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -129,7 +130,7 @@ def build_features(settings, tokenizer, train, evals, store, is_writer: bool) ->
         tr = train_features(tokenizer, train.rows, settings.max_length, settings.doc_stride)
         ev = eval_features(tokenizer, evals.rows, settings.max_length, settings.doc_stride)
         for cols, n in ((tr, names[0]), (ev, names[1])):
-            tmp = local / f".{n}.tmp"
+            tmp = local / f".{n}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
             datasets.Dataset.from_dict(cols).to_parquet(str(tmp))
             tmp.replace(local / n)
         if store is not None and is_writer:

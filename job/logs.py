@@ -10,6 +10,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, rank: int | None = None):
+        super().__init__()
+        self.rank = rank
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -17,15 +21,18 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self.rank is not None:
+            entry["rank"] = self.rank
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info and record.levelno >= logging.ERROR:
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
         return json.dumps(entry, default=str)
 
 
-def setup_logging(level: int = logging.INFO) -> None:
+def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:
+    """JSON lines on stdout; under torchrun each line carries the process's rank."""
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(rank))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
