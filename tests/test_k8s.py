@@ -199,8 +199,10 @@ def quantity(text) -> float:
 
 
 def torchrun_nproc(container: dict) -> int | None:
+    """Processes per pod: torchrun's, or job.launch's (torchrun behind a wrapper that keeps exit codes)."""
     argv = container.get("command", []) + container.get("args", [])
-    if not argv or Path(argv[0]).name != "torchrun":
+    launcher = argv[:3] in (["python", "-m", "job.launch"], ["python3", "-m", "job.launch"])
+    if not argv or (Path(argv[0]).name != "torchrun" and not launcher):
         return None
     for i, arg in enumerate(argv):
         for flag in ("--nproc_per_node", "--nproc-per-node"):
