@@ -87,6 +87,7 @@ def one_line_error(result, code, needle):
     ({"QA_TRAIN_URI": "ftp://host/train.json"}, 2, "QA_TRAIN_URI: unsupported URI scheme 'ftp'"),
     ({"QA_TRAIN_URI": "/nonexistent/train.jsonl"}, 3, "/nonexistent/train.jsonl: data file not found"),
     ({"QA_MODEL_NAME": "/nonexistent/model"}, 2, "QA_MODEL_NAME=/nonexistent/model"),
+    ({"QA_TRAIN_URI": "", "QA_EVAL_URI": ""}, 75, "QA_DATASET=squad: hub unreachable"),  # offline: no hub
 ])
 def test_bad_settings(tmp_path, tiny_model, settings, code, needle):
     one_line_error(run_job(job_env(tmp_path, tiny_model, **settings)), code, needle)
