@@ -4,7 +4,6 @@ Real Trainer, tiny model, real SeaweedFS. Each fault point SIGKILLs the process 
 any kind runs); the rerun must resume only from a committed checkpoint and end at the same step
 with the same weights as a run that was never interrupted.
 """
-import io
 import json
 import uuid
 
