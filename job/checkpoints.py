@@ -14,7 +14,6 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import TrainerCallback

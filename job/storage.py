@@ -7,6 +7,7 @@ the job understands: ``NotFound``, ``PreconditionFailed`` (a conditional write l
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -126,12 +127,17 @@ class LocalStorage:
                 f.write(data)
             return hashlib.md5(data).hexdigest()
         if if_match is not None:
-            try:
-                current, etag = self.get_bytes(key)
-            except NotFound:
-                raise PreconditionFailed(key) from None
-            if etag != if_match:
-                raise PreconditionFailed(key)
+            # compare-and-swap under an exclusive lock, so racing processes see one winner
+            with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    _, etag = self.get_bytes(key)
+                except NotFound:
+                    raise PreconditionFailed(key) from None
+                if etag != if_match:
+                    raise PreconditionFailed(key)
+                atomic_write(path, data)
+            return hashlib.md5(data).hexdigest()
         atomic_write(path, data)
         return hashlib.md5(data).hexdigest()
 
