@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -132,7 +133,9 @@ class SeaweedServer:
         }]}))
         # Every option on every start: weed saves them to store/mini.options and reloads that file,
         # but explicit flags win over it, so a restart cannot pick up anything stale.
-        args = [shutil.which("weed") or "weed", "-logtostderr=true", "mini", f"-dir={self.store_dir}",
+        # the venv's bin/ first: pip puts weed there, and the venv may not be activated
+        weed = shutil.which("weed", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
+        args = [weed or "weed", "-logtostderr=true", "mini", f"-dir={self.store_dir}",
                 f"-s3.config={self.config_path}", *_FIXED_FLAGS,
                 *(f"-{flag}={port}" for flag, port in self.ports.items())]
         # the server must not pick up credentials or buckets from the caller's AWS_/S3_ variables
