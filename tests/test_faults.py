@@ -26,6 +26,13 @@ def verify_committed(client, bucket, run_prefix) -> list[int]:
     return steps
 
 
+def wait_until(condition, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
 def new_bucket(server):
     name = f"faults-{uuid.uuid4().hex[:10]}"
     server.client().create_bucket(Bucket=name)
@@ -34,18 +41,19 @@ def new_bucket(server):
 
 def test_connection_resets_during_uploads_are_survived(seaweed, fault_proxy, tmp_path, tiny_model):
     bucket, proxy = new_bucket(seaweed), fault_proxy(seaweed)
-    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="16", QA_CHECKPOINT_STEPS="2",
+    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="60", QA_CHECKPOINT_STEPS="2",
                   **{**FAST, **s3_env(seaweed, proxy.endpoint)})
     job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.1",))
     job.wait_for("train_start")
-    proxy.reset_next(4)  # the next uploads (and lease renewals) meet connection resets
+    proxy.reset_next(4)  # the next connections (uploads, lease renewals) are reset
     job.wait_for("storage_retry", timeout=60)
+    wait_until(lambda: proxy.resets_done >= 4)
     proxy.reset_after_bytes(20_000)  # then uploads are cut midway for a while
-    time.sleep(1.0)
+    wait_until(lambda: proxy.resets_done >= 6)
     proxy.pass_through()
     result = job.finish()
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
-    assert proxy.resets_done >= 4
+    assert len(result.event("progress")) == 60  # training never stopped
     assert verify_committed(seaweed.client(), bucket, "runs/test-run/")
     assert seaweed.client().head_object(Bucket=bucket, Key="runs/test-run/COMPLETE")
 
