@@ -46,9 +46,10 @@ def run(settings: Settings, ranks: Ranks) -> None:
     lease = Lease(store, settings.run_id, settings.lease_seconds) if ranks.is_writer else None
     with lease or contextlib.nullcontext():
         staged = publish.staged(settings)
-        if staged is not None and ranks.is_writer:
-            log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
-            publish.publish(staged, store)
+        if staged is not None:  # an earlier attempt trained and evaluated; only the upload failed
+            if ranks.is_writer:
+                log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
+                publish.publish(staged, store)
             return
         train_split, eval_split = load_splits(settings, _policy(settings))
         tokenizer, model = load_model(settings.model_name)
