@@ -69,6 +69,9 @@ def reference(bucket, tmp_path_factory, tiny_model):
     result = run_job(env_for(bucket, tmp, tiny_model, "reference"))
     assert result.returncode == 0, result.stderr + result.stdout[-2000:]
     assert final_step(bucket, "reference") == 12
+    # QA_CHECKPOINTS_TO_KEEP=2: older ones deleted once newer ones were committed, nothing half-left
+    assert committed(bucket, "reference") == {10, 12}
+    assert {k.split("/")[3] for k in keys(bucket, "runs/reference/checkpoints/")} == {"checkpoint-10", "checkpoint-12"}
     return weights(bucket, "reference")
 
 
