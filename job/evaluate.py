@@ -12,7 +12,14 @@ _DECODING_COLUMNS = ("example_index", "offset_mapping")
 
 def evaluate(trainer, eval_features, rows: list[dict], settings) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
-    output = trainer.predict(model_inputs)
+    # Decoding pairs logits with windows by position, so prediction must keep the dataset order.
+    # transformers 5 also length-groups (shuffles) the eval sampler under group_by_length.
+    strategy = trainer.args.train_sampling_strategy
+    trainer.args.train_sampling_strategy = "sequential"
+    try:
+        output = trainer.predict(model_inputs)
+    finally:
+        trainer.args.train_sampling_strategy = strategy
     start_logits, end_logits = output.predictions[:2] if isinstance(output.predictions, tuple) else output.predictions
     predictions = decode_all(
         rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,

@@ -46,6 +46,19 @@ def test_model_loads_and_answers(finished):
     assert answer["answer"] and context[answer["start"]:answer["end"]] == answer["answer"]
 
 
+def test_predictions_match_answering_each_question_alone(finished):
+    """Evaluation decodes batched windows; any mix-up of window order shows up against job.answer."""
+    from job.answer import QuestionAnswerer
+
+    tmp, env, _ = finished
+    run = tmp / "out" / "test-run"
+    answerer = QuestionAnswerer(run / "model", max_length=int(env["QA_MAX_LENGTH"]), doc_stride=int(env["QA_DOC_STRIDE"]))
+    predictions = json.loads((run / "predictions.json").read_text())
+    rows = [json.loads(line) for line in (DATA / "squad_v1_dev_32.jsonl").read_text().splitlines()]
+    alone = {r["id"]: answerer(r["question"], r["context"])["answer"] for r in rows}
+    assert predictions == alone
+
+
 def test_progress_is_json_lines_without_bars(finished):
     _, _, result = finished
     progress = result.event("progress")
