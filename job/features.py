@@ -39,13 +39,17 @@ def label_window(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int 
     first, last = context[0], context[-1]
     if offsets[first][0] > answer_start or offsets[last][1] < answer_end:
         return cls_index, cls_index
+    # the first token that ends after the answer starts, the last that starts before it ends:
+    # whitespace around a gold span (tokens never cover it) does not widen the label
     start = first
-    while start <= last and offsets[start][0] <= answer_start:
+    while start <= last and offsets[start][1] <= answer_start:
         start += 1
     end = last
-    while end >= first and offsets[end][1] >= answer_end:
+    while end >= first and offsets[end][0] >= answer_end:
         end -= 1
-    return start - 1, end + 1
+    if start > end:  # nothing but whitespace
+        return cls_index, cls_index
+    return start, end
 
 
 def tokenize(tokenizer, rows: Sequence[dict], max_length: int, stride: int):

@@ -52,7 +52,7 @@ def run(settings: Settings, ranks: Ranks) -> None:
                 publish.publish(staged, store)
             return
         train_split, eval_split = load_splits(settings, _policy(settings))
-        tokenizer, model = load_model(settings.model_name)
+        tokenizer, model = load_model(settings.model_name, settings.seed)
         features = build_features(settings, tokenizer, train_split, eval_split, store, ranks.is_writer)
         _check_stop(stop, lease)
         fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, model, features, train_split, eval_split)

@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     checkpoint_minutes: float = Field(30.0, ge=0, description="0 = no time-based checkpoints")
     checkpoints_to_keep: PositiveInt = 2
     stop_grace_seconds: float = Field(120.0, gt=0)
-    lease_seconds: float = Field(120.0, ge=5)
+    lease_seconds: float = Field(60.0, ge=5)
 
     # storage retries: bounded, so an outage ends in exit 75 instead of hanging forever
     storage_attempts: PositiveInt = 6

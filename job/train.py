@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                          TrainerCallback, TrainingArguments)
+                          TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from job.errors import ConfigError, StorageUnavailable
@@ -27,8 +27,9 @@ def resolve_precision(setting: str, cuda: bool, bf16_supported: bool) -> str:
     return setting
 
 
-def load_model(model_name: str):
+def load_model(model_name: str, seed: int):
     """Tokenizer and QA model; a missing local path is a configuration error, an unreachable hub exit 75."""
+    set_seed(seed)  # a fresh QA head is drawn from the global RNG: seed it, or QA_SEED repeats nothing
     # hub ids are "name" or "org/name"; anything else is a path
     looks_local = model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1
     if looks_local and not Path(model_name).expanduser().is_dir():
