@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import re
 import shutil
@@ -82,6 +83,10 @@ class Uploader:
             item = newer
 
     def _loop(self) -> None:
+        try:  # on Linux a thread is a task with its own nice value; threads it starts inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass  # training first, uploads with what is left: where it fails, uploads just compete
         while True:
             item = self._queue.get()
             if item is None:
