@@ -62,15 +62,18 @@ class Uploader:
         self._idle = threading.Event()
         self._idle.set()
         self._closing = threading.Event()
-        self.committed: list[int] = []
+        self._lock = threading.Lock()
+        self._submitted = self._finished = 0  # idle exactly when every submitted folder is handled
         self._thread = threading.Thread(target=self._loop, name="checkpoint-upload", daemon=True)
         self._thread.start()
 
     def submit(self, step: int, folder: Path) -> None:
-        self._idle.clear()
+        with self._lock:
+            self._submitted += 1
+            self._idle.clear()
         self._queue.put((step, folder))
 
-    def _latest(self, item):
+    def _latest(self, item, taken: list[int]):
         # drop queued older checkpoints: only the newest one is worth uploading
         while True:
             try:
@@ -80,6 +83,7 @@ class Uploader:
             if newer is None:
                 self._queue.put(None)
                 return item
+            taken[0] += 1
             item = newer
 
     def _loop(self) -> None:
@@ -91,7 +95,8 @@ class Uploader:
             item = self._queue.get()
             if item is None:
                 return
-            item = self._latest(item)
+            taken = [1]
+            item = self._latest(item, taken)
             attempt = 0
             while True:
                 try:
@@ -102,12 +107,14 @@ class Uploader:
                     log.warning("checkpoint upload failed, will retry", extra={"event": "checkpoint_retry", "step": item[0], "error": str(exc)})
                     if self._closing.wait(min(self.backoff * 2 ** min(attempt, 5), 30.0)):
                         break  # close() gave up waiting: the job is exiting
-                    item = self._latest(item)
+                    item = self._latest(item, taken)
                 except Exception:  # never kill training over a checkpoint; the next one may work
                     log.exception("checkpoint upload error", extra={"event": "checkpoint_error", "step": item[0]})
                     break
-            if self._queue.empty():
-                self._idle.set()
+            with self._lock:
+                self._finished += taken[0]
+                if self._finished == self._submitted:
+                    self._idle.set()
 
     def _commit(self, step: int, folder: Path) -> None:
         started = time.monotonic()
@@ -120,7 +127,6 @@ class Uploader:
                 raise StorageUnavailable(f"checkpoint-{step}/{name}: size mismatch after upload")
         manifest.update(step=step, committed_at=time.time())
         self.store.put_bytes(base + MARKER, json.dumps(manifest, indent=1).encode())
-        self.committed.append(step)
         log.info("checkpoint committed", extra={"event": "checkpoint_committed", "step": step,
                                                  "files": len(manifest["files"]), "upload_seconds": round(time.monotonic() - started, 2)})
         self._prune(step, folder.parent)

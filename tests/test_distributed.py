@@ -60,7 +60,8 @@ def test_both_ranks_train_only_rank_0_writes(uninterrupted, bucket):
 
 def test_killed_under_torchrun_resumes_under_torchrun(uninterrupted, bucket, tmp_path, tiny_model):
     env = env_for(bucket, tmp_path, tiny_model, "dist-kill")
-    killed = run_job(env, module="job.launch", args=(*LAUNCH, "--entry", "tests.support.killer", "kill:put_bytes:COMMIT.json@2"))
+    killed = run_job(env, module="job.launch", args=(*LAUNCH, "--entry", "tests.support.killer",
+                                                        "slow:train_step=0.2,kill:put_bytes:COMMIT.json@2"))
     assert killed.returncode != 0 and killed.event("fault_injected")
     at_kill = committed(bucket, "dist-kill")
     assert at_kill
