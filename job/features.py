@@ -125,7 +125,7 @@ def build_features(settings, tokenizer, train, evals, store, is_writer: bool) ->
     hit = "local" if all((local / n).is_file() for n in names) else "miss"
     if hit == "miss" and store is not None:
         remote = [f"cache/features-{key}/{n}" for n in names]
-        if all(k in set(store.list(f"cache/features-{key}/")) for k in remote):
+        if set(remote) <= set(store.list(f"cache/features-{key}/")):
             for k, n in zip(remote, names):
                 store.get_file(k, local / n)
             hit = "remote"
