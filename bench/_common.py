@@ -51,7 +51,7 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict]:
     """Rows through the job's own reader and validator (the same rows the job would train on)."""
     from job.data import read_rows as job_read_rows, validate_rows
 
-    rows = validate_rows(job_read_rows(path, str(path)), source=str(path), squad_v2=False, require_answers=False)
+    rows = validate_rows(job_read_rows(path, str(path)), source=str(path), squad_v2=True)  # a reader only: unanswerable rows pass
     return rows[:limit] if limit else rows
 
 

@@ -60,7 +60,7 @@ def score_inprocess(tmp: Path, args, model_name: str, run_id: str, group_by_leng
 
     from job.data import load_splits
     from job.evaluate import evaluate
-    from job.features import build_features
+    from job.feature_cache import build_features
     from job.settings import load_settings
     from job.storage import RetryPolicy
     from job.train import build_trainer, load_model, training_arguments

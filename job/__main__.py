@@ -1,27 +1,37 @@
 """Container entrypoint: ``python -m job``. Settings from ``QA_*`` variables; the exit code says how it ended."""
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
 import traceback
 
-from job.errors import EXIT_OK, EXIT_UNEXPECTED, JobError
+from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_UNEXPECTED, JobError, print_error
+from job.preemption import StopRequest, exit_now
 
 
 def main(environ=None) -> int:
     environ = os.environ if environ is None else environ
-    code = _run(environ)
     exit_dir = environ.get("QAFT_LAUNCH_EXIT_DIR")  # set by job.launch, which reports our code for torchrun
-    if exit_dir:
-        with open(os.path.join(exit_dir, f"rank-{environ.get('RANK', '0')}"), "w") as f:
-            f.write(str(code))
-    return code
+
+    def report(code: int) -> int:
+        if exit_dir:
+            with open(os.path.join(exit_dir, f"rank-{environ.get('RANK', '0')}"), "w") as f:
+                f.write(str(code))
+        return code
+
+    # First thing, before the slow imports: a signal at any moment becomes a stop request, never
+    # a KeyboardInterrupt or a silent death, and a stuck stop still ends with our own exit code.
+    stop = StopRequest(on_deadline=lambda s: exit_now(s, report)).install()
+    return report(_run(environ, stop))
 
 
-def _run(environ) -> int:
+def _run(environ, stop: StopRequest) -> int:
     from job.logs import setup_logging
+    from job.redaction import register_secrets
 
+    register_secrets(environ)
     setup_logging(rank=int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None)
     log = logging.getLogger("job")
     try:
@@ -29,24 +39,44 @@ def _run(environ) -> int:
         from job.settings import load_settings
 
         settings = load_settings(environ)
+        stop.configure(settings.stop_grace_seconds)
         log.info("starting", extra={"event": "start", "run_id": settings.run_id, "settings": settings.public_dict()})
-        run(settings, Ranks.from_env(environ))
+        stop.check()
+        run(settings, Ranks.from_env(environ), stop)
     except JobError as exc:
         return _fail(log, exc.exit_code, str(exc), type(exc).__name__)
-    except KeyboardInterrupt:
-        return _fail(log, 143, "interrupted before a checkpoint could be taken", "Interrupted")
-    except Exception as exc:  # the last line of defence: one line, with the traceback inside the JSON
-        log.error("unexpected error", extra={"event": "failed", "exit_code": EXIT_UNEXPECTED,
-                                             "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-        print(f"qa-finetune: unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}", file=sys.stderr)
-        return EXIT_UNEXPECTED
+    except OSError as exc:
+        code, message = _os_error(exc)
+        if code is not None:
+            return _fail(log, code, message, type(exc).__name__)
+        return _unexpected(log, exc)
+    except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
+        return _unexpected(log, exc)
     log.info("done", extra={"event": "done", "exit_code": EXIT_OK})
     return EXIT_OK
 
 
+def _os_error(exc: OSError) -> tuple[int | None, str]:
+    """Local disk problems are not bugs: a full disk may pass on rerun (75), a read-only or forbidden path will not (2)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return EXIT_UNAVAILABLE, f"no space left on the local disk{where}: free space or give QA_WORK_DIR more, then rerun"
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return EXIT_CONFIG, f"cannot write{where}: {exc.strerror}; check QA_WORK_DIR / QA_OUTPUT_URI permissions"
+    return None, ""
+
+
+def _unexpected(log, exc: BaseException) -> int:
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    log.error("unexpected error", extra={"event": "failed", "exit_code": EXIT_UNEXPECTED,
+                                         "error": f"{type(exc).__name__}: {first}", "traceback": traceback.format_exc()})
+    print_error(f"unexpected error: {type(exc).__name__}: {first}", EXIT_UNEXPECTED)
+    return EXIT_UNEXPECTED
+
+
 def _fail(log, code: int, message: str, kind: str) -> int:
     log.error(message, extra={"event": "failed", "exit_code": code, "error_type": kind})
-    print(f"qa-finetune: error: {message} (exit {code})", file=sys.stderr)
+    print_error(message, code)
     return code
 
 

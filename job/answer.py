@@ -1,67 +1,128 @@
 """Answer questions with a published model: ``python -m job.answer --model DIR|s3://... --question Q --context C``.
 
 transformers 5 has no ``question-answering`` pipeline; this is the job's own, and it decodes with
-exactly the functions evaluation uses (same windows, same n-best rules).
+exactly the functions evaluation uses (same windows, same n-best rules, same long-question cut).
+``--model`` may name a model folder or a run folder (its ``model/`` is used), locally or in
+``s3://``; only the model's own files are downloaded, each name confined to the download folder.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobError, print_error
 
-from job.decoding import decode_answer
-from job.features import eval_features
-from job.storage import RetryPolicy, open_storage
+PROGRAM = "qa-finetune answer"
+WINDOWS_PER_BATCH = 32  # a long context becomes many windows: bound the memory of one forward pass
 
 
 class QuestionAnswerer:
     def __init__(self, model_dir: str | Path, max_length: int = 384, doc_stride: int = 128, n_best: int = 20,
                  max_answer_length: int = 30, version_2: bool = False, null_threshold: float = 0.0):
+        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).eval()
         self.max_length, self.doc_stride = max_length, doc_stride
         self.options = dict(n_best=n_best, max_answer_length=max_answer_length, version_2=version_2, null_threshold=null_threshold)
 
-    @torch.inference_mode()
     def __call__(self, question: str, context: str) -> dict:
+        import torch
+
+        from job.decoding import decode_answer
+        from job.features import eval_features
+
         features = eval_features(self.tokenizer, [{"question": question, "context": context}], self.max_length, self.doc_stride)
-        batch = self.tokenizer.pad({k: features[k] for k in self.tokenizer.model_input_names}, return_tensors="pt")
-        out = self.model(**batch)
-        windows = zip(out.start_logits.tolist(), out.end_logits.tolist(), features["offset_mapping"])
-        answer = decode_answer(windows, context, **self.options)
-        return {"answer": answer.text, "start": answer.start, "end": answer.end, "score": answer.score}
+        start, end = [], []
+        with torch.inference_mode():
+            for begin in range(0, len(features["input_ids"]), WINDOWS_PER_BATCH):
+                chunk = {k: features[k][begin:begin + WINDOWS_PER_BATCH] for k in self.tokenizer.model_input_names}
+                out = self.model(**self.tokenizer.pad(chunk, return_tensors="pt"))
+                start.extend(out.start_logits.tolist())
+                end.extend(out.end_logits.tolist())
+        answer = decode_answer(zip(start, end, features["offset_mapping"]), context, **self.options)
+        score = answer.score if math.isfinite(answer.score) else None  # JSON has no infinity
+        return {"answer": answer.text, "start": answer.start, "end": answer.end, "score": score}
 
 
 def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None) -> Path:
-    """A local folder for a model given as a folder or as ``s3://bucket/prefix`` (e.g. ``<run>/model``)."""
+    """A local folder for a model given as a model or run folder, local or ``s3://bucket/prefix``."""
+    from job.locations import confine
+    from job.storage import RetryPolicy, open_storage
+
     if not uri.startswith("s3://"):
-        return Path(uri)
-    store = open_storage(uri, RetryPolicy(), endpoint_url, region)
-    for key in store.list(""):
-        store.get_file(key, dest / key)
+        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+            path = path / "model"  # a run folder
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"--model {uri}: no model there (no config.json)")
+        return path
+    store = open_storage(uri, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20), endpoint_url, region)
+    keys = store.list("")
+    if "config.json" not in keys and "model/config.json" in keys:
+        keys = [k[len("model/"):] for k in keys if k.startswith("model/")]
+        store = open_storage(uri.rstrip("/") + "/model", RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20),
+                             endpoint_url, region)
+    top_level = [k for k in keys if "/" not in k]  # a model's own files; never checkpoints or caches
+    if "config.json" not in top_level:
+        raise ConfigError(f"--model {uri}: no model there (no config.json)")
+    for key in top_level:
+        store.get_file(key, confine(dest, key))
     return dest
 
 
-def main(argv=None) -> int:
+def main(argv=None, environ=None) -> int:
+    environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="python -m job.answer", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model folder or s3://bucket/prefix/model")
+    parser.add_argument("--model", required=True, help="model or run folder, or s3://bucket/prefix/<run>[/model]")
     parser.add_argument("--question", required=True)
     parser.add_argument("--context", required=True, help="the text, or @path to read it from a file")
-    parser.add_argument("--endpoint-url", default=os.environ.get("QA_S3_ENDPOINT_URL"))
+    parser.add_argument("--endpoint-url", default=environ.get("QA_S3_ENDPOINT_URL") or None)
+    parser.add_argument("--region", default=environ.get("QA_S3_REGION") or None)
+    parser.add_argument("--max-length", type=int, default=384)
+    parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--squad-v2", action="store_true", help="allow an empty answer")
     args = parser.parse_args(argv)
-    context = Path(args.context[1:]).read_text() if args.context.startswith("@") else args.context
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = fetch_model(args.model, Path(tmp), args.endpoint_url)
-        result = QuestionAnswerer(model_dir, version_2=args.squad_v2)(args.question, context)
+    from job.redaction import register_secrets
+
+    register_secrets(environ)
+    try:
+        result = _answer(args)
+    except JobError as exc:
+        print_error(str(exc), exc.exit_code, PROGRAM)
+        return exc.exit_code
+    except OSError as exc:
+        print_error(f"--model {args.model}: cannot load: {str(exc).splitlines()[0][:200]}", EXIT_CONFIG, PROGRAM)
+        return EXIT_CONFIG
+    except BaseException as exc:  # noqa: BLE001  also a tokenizer panic, which is not an Exception
+        print_error(f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                    EXIT_UNEXPECTED, PROGRAM)
+        return EXIT_UNEXPECTED
     print(json.dumps(result, ensure_ascii=False))
-    return 0
+    return EXIT_OK
+
+
+def _answer(args) -> dict:
+    if args.context.startswith("@"):
+        try:
+            context = Path(args.context[1:]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--context {args.context[:200]}: cannot read ({exc})") from None
+    else:
+        context = args.context
+    if not context.strip() or not args.question.strip():
+        raise ConfigError("--question and --context must not be empty")
+    if not 32 <= args.max_length <= 8192 or not 0 < args.doc_stride < args.max_length - 16:
+        raise ConfigError("--doc-stride must be positive and leave 16 tokens of --max-length (32-8192)")
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = fetch_model(args.model, Path(tmp), args.endpoint_url, args.region)
+        return QuestionAnswerer(model_dir, max_length=args.max_length, doc_stride=args.doc_stride,
+                                version_2=args.squad_v2)(args.question, context)
 
 
 if __name__ == "__main__":

@@ -4,38 +4,79 @@ Layout under the run: ``checkpoints/checkpoint-<step>/<files>`` plus ``COMMIT.js
 with its size and sha256), written only after all files are confirmed in storage. A checkpoint
 without a valid marker does not exist as far as resume is concerned, so a process killed in the
 middle of an upload can never be resumed from half a checkpoint.
+
+Under several nodes each node holds files no other node has (the RNG state of its own ranks).
+The first process of every other node uploads them and writes ``nodes/<node>.json``; rank 0
+commits only once every node's part is in storage, and its marker lists every rank's files.
+
+Nothing in a marker is trusted: ``read_marker`` checks its shape, every file name is confined to
+the checkpoint folder by ``job.locations.confine``, and any checkpoint that fails is skipped.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
 import re
 import shutil
-import threading
 import time
 from pathlib import Path
 
 from transformers import TrainerCallback
 
 from job.errors import StorageUnavailable
+from job.locations import UnsafeName, check_name, confine
 from job.storage import NotFound, Storage, sha256_file
+from job.uploader import Uploader
 
 log = logging.getLogger(__name__)
 PREFIX = "checkpoints/"
 MARKER = "COMMIT.json"
-_NAME = re.compile(r"^checkpoint-(\d+)$")
+NODES = "nodes/"  # per-node parts of a multi-node checkpoint, inside its folder
+_NAME = re.compile(r"checkpoint-(\d+)")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+PART_WAIT_SECONDS = 300.0  # how long rank 0 waits for the other nodes' parts of one checkpoint
+
+__all__ = ["Uploader", "CheckpointCallback", "CheckpointSync", "committed_steps", "restore", "read_marker"]
 
 
 def remote_dir(step: int) -> str:
     return f"{PREFIX}checkpoint-{step}/"
 
 
-def describe(folder: Path) -> dict:
-    files = {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file()}
-    return {"files": files}
+def describe(folder: Path) -> dict[str, dict]:
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_marker(raw: bytes, step: int) -> dict[str, dict]:
+    """The ``{name: {size, sha256}}`` a commit marker lists; ValueError for anything malformed or unsafe."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("marker is not JSON") from None
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ValueError("marker lists no files")
+    if doc.get("step") != step:
+        raise ValueError(f"marker names step {doc.get('step')!r}")
+    for name, meta in files.items():
+        try:
+            check_name(name)
+        except UnsafeName as exc:
+            raise ValueError(str(exc)) from None
+        if name.startswith(NODES) or name == MARKER:
+            raise ValueError(f"reserved name {name!r} listed")
+        size = meta.get("size") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError(f"{name}: bad size")
+        if not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+            raise ValueError(f"{name}: bad sha256")
+    if "trainer_state.json" not in files:
+        raise ValueError("no trainer_state.json")
+    world = doc.get("world_size", 1)
+    if isinstance(world, int) and world > 1 and any(f"rng_state_{r}.pth" not in files for r in range(world)):
+        raise ValueError("a rank's RNG state is missing")
+    return files
 
 
 def committed_steps(store: Storage) -> list[int]:
@@ -43,100 +84,66 @@ def committed_steps(store: Storage) -> list[int]:
     steps = set()
     for key in store.list(PREFIX):
         parts = key[len(PREFIX):].split("/")
-        match = _NAME.match(parts[0])
+        match = _NAME.fullmatch(parts[0])
         if match and len(parts) == 2 and parts[1] == MARKER:
             steps.add(int(match.group(1)))
     return sorted(steps, reverse=True)
 
 
-class Uploader:
-    """Uploads checkpoint folders on a background thread; training never waits for it.
+class CheckpointSync:
+    """What an uploader does with one saved checkpoint folder, on rank 0 or on another node's first process."""
 
-    Newer checkpoints supersede queued older ones, so an outage costs uploads, not training
-    time. Transient failures are retried with backoff until ``close``'s deadline.
-    """
+    def __init__(self, store: Storage, keep: int, world_size: int = 1, node: int = 0, nodes: int = 1):
+        self.store, self.keep, self.world_size, self.node, self.nodes = store, keep, world_size, node, nodes
 
-    def __init__(self, store: Storage, keep: int, backoff_seconds: float):
-        self.store, self.keep, self.backoff = store, keep, max(backoff_seconds, 0.1)
-        self._queue: "queue.Queue[tuple[int, Path] | None]" = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
-        self._closing = threading.Event()
-        self._lock = threading.Lock()
-        self._submitted = self._finished = 0  # idle exactly when every submitted folder is handled
-        self._thread = threading.Thread(target=self._loop, name="checkpoint-upload", daemon=True)
-        self._thread.start()
-
-    def submit(self, step: int, folder: Path) -> None:
-        with self._lock:
-            self._submitted += 1
-            self._idle.clear()
-        self._queue.put((step, folder))
-
-    def _latest(self, item, taken: list[int]):
-        # drop queued older checkpoints: only the newest one is worth uploading
-        while True:
-            try:
-                newer = self._queue.get_nowait()
-            except queue.Empty:
-                return item
-            if newer is None:
-                self._queue.put(None)
-                return item
-            taken[0] += 1
-            item = newer
-
-    def _loop(self) -> None:
-        try:  # on Linux a thread is a task with its own nice value; threads it starts inherit it
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-        except (AttributeError, OSError):
-            pass  # training first, uploads with what is left: where it fails, uploads just compete
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            taken = [1]
-            item = self._latest(item, taken)
-            attempt = 0
-            while True:
-                try:
-                    self._commit(*item)
-                    break
-                except StorageUnavailable as exc:
-                    attempt += 1
-                    log.warning("checkpoint upload failed, will retry", extra={"event": "checkpoint_retry", "step": item[0], "error": str(exc)})
-                    if self._closing.wait(min(self.backoff * 2 ** min(attempt, 5), 30.0)):
-                        break  # close() gave up waiting: the job is exiting
-                    item = self._latest(item, taken)
-                except Exception:  # never kill training over a checkpoint; the next one may work
-                    log.exception("checkpoint upload error", extra={"event": "checkpoint_error", "step": item[0]})
-                    break
-            with self._lock:
-                self._finished += taken[0]
-                if self._finished == self._submitted:
-                    self._idle.set()
-
-    def _commit(self, step: int, folder: Path) -> None:
+    def __call__(self, step: int, folder: Path) -> None:
         started = time.monotonic()
-        manifest = describe(folder)
+        files = describe(folder)
         base = remote_dir(step)
-        for name, meta in manifest["files"].items():
+        for name in files:
             self.store.put_file(folder / name, base + name)
-        for name, meta in manifest["files"].items():
+        for name, meta in files.items():
             if self.store.size(base + name) != meta["size"]:
                 raise StorageUnavailable(f"checkpoint-{step}/{name}: size mismatch after upload")
-        manifest.update(step=step, committed_at=time.time())
-        self.store.put_bytes(base + MARKER, json.dumps(manifest, indent=1).encode())
-        log.info("checkpoint committed", extra={"event": "checkpoint_committed", "step": step,
-                                                 "files": len(manifest["files"]), "upload_seconds": round(time.monotonic() - started, 2)})
+        if self.node != 0:  # this node's share is in storage; rank 0 commits the whole
+            self.store.put_bytes(f"{base}{NODES}{self.node}.json", json.dumps({"step": step, "files": files}).encode())
+            log.info("checkpoint part uploaded", extra={"event": "checkpoint_part", "step": step, "node": self.node})
+            return
+        files = {**files, **self._other_nodes(step, files)}
+        marker = {"step": step, "world_size": self.world_size, "files": files, "committed_at": time.time()}
+        self.store.put_bytes(base + MARKER, json.dumps(marker, indent=1).encode())
+        log.info("checkpoint committed", extra={"event": "checkpoint_committed", "step": step, "files": len(files),
+                                                 "upload_seconds": round(time.monotonic() - started, 2)})
         self._prune(step, folder.parent)
+
+    def _other_nodes(self, step: int, own: dict) -> dict:
+        if self.nodes == 1:
+            return {}
+        base, deadline, merged = remote_dir(step) + NODES, time.monotonic() + PART_WAIT_SECONDS, {}
+        wanted = {f"{base}{n}.json" for n in range(1, self.nodes)}
+        while not wanted <= set(self.store.list(base)):
+            if time.monotonic() > deadline:
+                raise StorageUnavailable(f"checkpoint-{step}: not every node uploaded its part in time")
+            time.sleep(0.5)
+        for key in sorted(wanted):
+            try:
+                part = json.loads(self.store.get_bytes(key)[0])
+                files = part["files"]
+                for name, meta in files.items():
+                    check_name(name)
+                    if name in own and own[name] != meta:
+                        raise ValueError(f"{name} differs between nodes")
+                merged.update(files)
+            except (ValueError, KeyError, TypeError, AttributeError, UnsafeName) as exc:
+                raise StorageUnavailable(f"checkpoint-{step}: unusable part {key}: {exc}") from None
+        return merged
 
     def _prune(self, newest: int, local_root: Path) -> None:
         """Keep the newest committed checkpoints; delete older ones only now that a newer one is committed."""
         keep = set(committed_steps(self.store)[: self.keep])
         by_step: dict[int, list[str]] = {}
         for key in self.store.list(PREFIX):
-            match = _NAME.match(key[len(PREFIX):].split("/")[0])
+            match = _NAME.fullmatch(key[len(PREFIX):].split("/")[0])
             if match:
                 by_step.setdefault(int(match.group(1)), []).append(key)
         for step, keys in by_step.items():
@@ -144,21 +151,15 @@ class Uploader:
                 # the marker goes first, so a half-deleted checkpoint is never seen as committed
                 for key in sorted(keys, key=lambda k: not k.endswith(MARKER)):
                     self.store.delete(key)
-        for path in local_root.glob("checkpoint-*"):
-            match = _NAME.match(path.name)
-            if match and int(match.group(1)) < newest:
-                shutil.rmtree(path, ignore_errors=True)
+        prune_local(local_root, below=newest)
 
-    def wait(self, timeout: float) -> bool:
-        """Wait until everything submitted is committed; False if the deadline passed first."""
-        return self._idle.wait(timeout)
 
-    def close(self, timeout: float) -> bool:
-        done = self.wait(timeout)
-        self._closing.set()
-        self._queue.put(None)
-        self._thread.join(timeout=5)
-        return done
+def prune_local(local_root: Path, below: int | None = None, keep: Path | None = None) -> None:
+    """Delete local checkpoint folders older than ``below`` (or all but ``keep``): never resumed from."""
+    for path in local_root.glob("checkpoint-*"):
+        match = _NAME.fullmatch(path.name)
+        if path != keep and (below is None or (match and int(match.group(1)) < below)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 class CheckpointCallback(TrainerCallback):
@@ -174,10 +175,14 @@ class CheckpointCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        stopping = self.stop.requested or (self.lease is not None and self.lease.lost.is_set())
+        lost = self.lease is not None and self.lease.lost.is_set()
+        stopping = self.stop.requested or lost
         timely = bool(self.every_seconds) and time.monotonic() - self._last >= self.every_seconds
         if args.world_size > 1:
-            stopping, timely = _agree(args.device, stopping, timely)
+            stopping, timely, lost = _agree(args.device, stopping, timely, lost)
+        if lost:  # another process owns the run now: save nothing, stop at once
+            control.should_training_stop = True
+            return control
         if stopping or timely or step >= state.max_steps or (self.every_steps and step % self.every_steps == 0):
             control.should_save = True
         if stopping:
@@ -189,7 +194,7 @@ class CheckpointCallback(TrainerCallback):
         if args.world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier()  # every rank has written its RNG state before rank 0 hashes the folder
+            dist.barrier()  # every rank has written its RNG state before any node hashes its folder
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
@@ -205,25 +210,24 @@ def _agree(device, *flags: bool) -> list[bool]:
 
 
 def restore(store: Storage, local_root: Path, only_step: int | None = None) -> Path | None:
-    """Download and verify the newest committed checkpoint (or ``only_step``); skip partial or corrupt ones."""
+    """Download and verify the newest committed checkpoint (or ``only_step``); skip partial, corrupt or unsafe ones."""
     for step in [only_step] if only_step is not None else committed_steps(store):
         target = local_root / f"checkpoint-{step}"
         try:
-            manifest = json.loads(store.get_bytes(remote_dir(step) + MARKER)[0])
-            for name, meta in manifest["files"].items():
-                path = target / name
+            files = read_marker(store.get_bytes(remote_dir(step) + MARKER)[0], step)
+            for name, meta in files.items():
+                path = confine(target, name)
                 if not (path.is_file() and path.stat().st_size == meta["size"] and sha256_file(path) == meta["sha256"]):
                     store.get_file(remote_dir(step) + name, path)
                     if sha256_file(path) != meta["sha256"]:
                         raise ValueError(f"{name}: sha256 mismatch")
-        except (NotFound, ValueError, KeyError, TypeError) as exc:
-            log.warning("skipping unusable checkpoint", extra={"event": "checkpoint_skipped", "step": step, "reason": str(exc)})
+        except (NotFound, ValueError, UnsafeName) as exc:
+            log.warning("skipping unusable checkpoint", extra={"event": "checkpoint_skipped", "step": step, "reason": str(exc)[:300]})
             shutil.rmtree(target, ignore_errors=True)
             continue
         # anything else in the local folder is uncommitted or stale: never resume from it
-        for other in local_root.glob("checkpoint-*"):
-            if other != target:
-                shutil.rmtree(other, ignore_errors=True)
+        prune_local(local_root, keep=target)
         log.info("resuming from checkpoint", extra={"event": "resume", "step": step})
         return target
+    prune_local(local_root)  # nothing committed: local leftovers belong to no checkpoint that counts
     return None

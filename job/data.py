@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -42,7 +43,7 @@ def _load_split(name: str, uri: str | None, hub_split: str, settings: Settings, 
         raw, digest = read_rows(path, uri), sha256_file(path)
     else:
         raw, digest = _hub_rows(settings, hub_split), None
-    rows = validate_rows(raw, source=uri or f"{settings.dataset}[{hub_split}]", squad_v2=settings.squad_v2, require_answers=name == "train")
+    rows = validate_rows(raw, source=uri or f"{settings.dataset}[{hub_split}]", squad_v2=settings.squad_v2)
     if limit:
         rows = rows[:limit]
     if not rows:
@@ -145,42 +146,74 @@ def _from_flat(row: dict) -> dict:
 
 
 def _int(value):
-    try:
+    """CSV cells arrive as text: "17" -> 17. Everything else is left for validate_rows to judge."""
+    if isinstance(value, str) and value.strip().isdigit():
         return int(value)
-    except (TypeError, ValueError):
-        return value
+    return value
 
 
-def validate_rows(rows: Iterable[dict], source: str, squad_v2: bool, require_answers: bool) -> list[dict]:
-    """Check every row; the first bad one raises a DataError naming the source and row id."""
-    out, seen = [], set()
+def _start(value) -> int | None:
+    """An answer_start as a non-negative int: ints, digit strings and integral floats (Parquet) only."""
+    value = _int(value)
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    return value if isinstance(value, int) and value >= 0 else None
+
+
+def _text(value, where: str, field: str) -> str:
+    if value is None or isinstance(value, str) and not value.strip():
+        raise DataError(f"{where}: missing or empty field {field!r}")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string (got {type(value).__name__})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: no tokenizer or JSON writer accepts it
+        raise DataError(f"{where}: field {field!r} holds an invalid character (a lone UTF-16 surrogate)") from None
+    return value
+
+
+def validate_rows(rows: Iterable[dict], source: str, squad_v2: bool) -> list[dict]:
+    """Check every row; the first bad one raises a DataError naming the source and row id.
+
+    Without ``QA_SQUAD_V2`` every row, training and evaluation alike, needs an answer: v1.1
+    scoring has no rule for a question without one, and finding that out after training would
+    cost the whole run.
+    """
+    out, seen, unanswerable = [], set(), []
     for index, row in enumerate(rows):
         rid = row.get("id")
-        where = f"{source}: row {rid!r}" if rid not in (None, "") else f"{source}: row #{index + 1}"
-        for field in ("id", "context", "question"):
-            if not isinstance(row.get(field), str) or not row[field].strip():
-                raise DataError(f"{where}: missing or empty field {field!r}")
+        where = f"{source}: row {str(rid)[:80]!r}" if isinstance(rid, (str, int)) and rid != "" else f"{source}: row #{index + 1}"
+        _text(rid, where, "id")
+        context, question = _text(row.get("context"), where, "context"), _text(row.get("question"), where, "question")
         if rid in seen:
             raise DataError(f"{where}: duplicate id")
         seen.add(rid)
         answers = row.get("answers")
         if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
             raise DataError(f"{where}: missing field 'answers' ({{'text': [...], 'answer_start': [...]}})")
-        texts, starts = answers["text"], [_int(s) for s in answers["answer_start"]]
+        texts, starts = answers["text"], [_start(s) for s in answers["answer_start"]]
         if len(texts) != len(starts):
             raise DataError(f"{where}: answers.text and answers.answer_start differ in length")
-        context = row["context"]
-        for text, start in zip(texts, starts):
-            if not isinstance(text, str) or not isinstance(start, int) or isinstance(start, bool):
-                raise DataError(f"{where}: answer text must be a string and answer_start an integer")
+        for text, start, raw in zip(texts, starts, answers["answer_start"]):
+            if not isinstance(text, str) or not text:
+                raise DataError(f"{where}: an answer text must be a non-empty string (no answer: empty lists, with QA_SQUAD_V2=true)")
+            _text(text, where, "answers.text")
+            if start is None:
+                raise DataError(f"{where}: answer_start must be a non-negative integer (got {str(raw)[:40]!r})")
             if context[start:start + len(text)] != text:
                 raise DataError(f"{where}: answer_start {start} does not match the context for answer {text[:40]!r}")
-        if not texts and require_answers and not squad_v2:
-            raise DataError(f"{where}: no answer (set QA_SQUAD_V2=true for data with unanswerable questions)")
+        if not texts and not squad_v2:
+            unanswerable.append(rid)
         out.append({
-            "id": rid, "title": str(row.get("title") or ""), "context": context, "question": row["question"],
+            "id": rid, "title": str(row.get("title") or ""), "context": context, "question": question,
             "answers": {"text": list(texts), "answer_start": starts},
         })
+    if unanswerable:
+        shown = ", ".join(repr(str(r)[:60]) for r in unanswerable[:5]) + (f" and {len(unanswerable) - 5} more" if len(unanswerable) > 5 else "")
+        raise DataError(f"{source}: {len(unanswerable)} row(s) without an answer ({shown}); "
+                        "set QA_SQUAD_V2=true for data with unanswerable questions")
     return out
 
 

@@ -55,3 +55,19 @@ class StorageDenied(ConfigError):
 
 class Preempted(JobError):
     exit_code = EXIT_PREEMPTED
+
+
+class StoppedUncommitted(JobError):
+    """Stopped by a signal before the checkpoint taken for the stop reached storage: progress since the last one is lost."""
+
+    exit_code = EXIT_UNAVAILABLE
+
+
+def print_error(message: str, code: int, program: str = "qa-finetune") -> None:
+    """The one stderr line every entry point ends a failure with; secrets are redacted here."""
+    import sys
+
+    from job.redaction import redact
+
+    line = " ".join(redact(str(message)).split())  # one line, whatever the message held
+    print(f"{program}: error: {line} (exit {code})", file=sys.stderr, flush=True)

@@ -8,19 +8,12 @@ longest window, which is most of the speed win on SQuAD (~160 real tokens per wi
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
-from job.errors import DataError
-
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"  # bump when the feature layout changes, so old caches are not reused
 CHUNK = 1000
+QUESTION_ADVANCE = 8  # the fewest new context tokens a window brings, however long the question
 
 
 def label_window(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int | None], answer_start: int | None,
@@ -52,11 +45,45 @@ def label_window(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int 
     return start, end
 
 
+def question_budget(tokenizer, max_length: int, stride: int) -> int:
+    """The most tokens a question may take so that every window still brings new context.
+
+    With overflowing windows the context part of a window must be longer than the stride, or the
+    fast tokenizer panics (a Rust panic, which is not even an ``Exception``). Past this budget a
+    question is cut at a token boundary; QUESTION_ADVANCE context tokens per window remain.
+    """
+    return max_length - tokenizer.num_special_tokens_to_add(pair=True) - stride - QUESTION_ADVANCE
+
+
+def fit_questions(tokenizer, questions: list[str], budget: int) -> tuple[list[str], list[int]]:
+    """Questions cut to at most ``budget`` tokens, and the indices of those that were cut."""
+    # A token covers at least one byte in every tokenizer family, so shorter questions cannot be over.
+    suspects = [i for i, q in enumerate(questions) if len(q.encode("utf-8", "replace")) + 2 > budget]
+    if not suspects:
+        return questions, []
+    enc = tokenizer([questions[i] for i in suspects], add_special_tokens=False, return_offsets_mapping=True)
+    out, cut = list(questions), []
+    for i, offsets in zip(suspects, enc["offset_mapping"]):
+        if len(offsets) <= budget:
+            continue
+        for keep in range(budget, 0, -1):  # re-tokenizing a cut string can split it differently: check it fits
+            out[i] = questions[i][:offsets[keep - 1][1]]
+            if len(tokenizer(out[i], add_special_tokens=False)["input_ids"]) <= budget:
+                break
+        cut.append(i)
+    return out, cut
+
+
 def tokenize(tokenizer, rows: Sequence[dict], max_length: int, stride: int):
     # Questions are left-stripped: some have thousands of leading spaces, which would eat the
     # whole window and make "only_second" truncation fail.
+    questions, cut = fit_questions(tokenizer, [r["question"].lstrip() for r in rows], question_budget(tokenizer, max_length, stride))
+    if cut:
+        log.warning("long questions cut to fit the window", extra={
+            "event": "questions_truncated", "count": len(cut), "max_question_tokens": question_budget(tokenizer, max_length, stride),
+            "ids": [str(rows[i].get("id", ""))[:60] for i in cut[:5]]})
     return tokenizer(
-        [r["question"].lstrip() for r in rows], [r["context"] for r in rows],
+        questions, [r["context"] for r in rows],
         truncation="only_second", max_length=max_length, stride=stride,
         return_overflowing_tokens=True, return_offsets_mapping=True, padding=False,
     )
@@ -97,53 +124,3 @@ def eval_features(tokenizer, rows: Sequence[dict], max_length: int, stride: int)
                 [list(o) if s == 1 else [-1, -1] for o, s in zip(enc["offset_mapping"][i], seq)]
             )
     return columns
-
-
-@dataclass
-class Features:
-    train: object  # datasets.Dataset
-    eval: object  # datasets.Dataset
-    cache_key: str
-    cache_hit: str  # "local", "remote" or "miss"
-
-
-def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, settings) -> str:
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
-    parts = [CACHE_VERSION, model_name, type(tokenizer).__name__, hashlib.sha256(vocab.encode()).hexdigest(),
-             train_sha, eval_sha, settings.max_length, settings.doc_stride,
-             settings.max_train_samples, settings.max_eval_samples, settings.squad_v2]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
-
-
-def build_features(settings, tokenizer, train, evals, store, is_writer: bool) -> Features:
-    """Load the features from the local or remote cache, or tokenize and cache them."""
-    import datasets
-
-    key = cache_key(tokenizer, settings.model_name, train.sha256, evals.sha256, settings)
-    local = Path(settings.work_dir) / settings.run_id / "features" / key
-    names = ("train.parquet", "eval.parquet")
-    hit = "local" if all((local / n).is_file() for n in names) else "miss"
-    if hit == "miss" and store is not None:
-        remote = [f"cache/features-{key}/{n}" for n in names]
-        if set(remote) <= set(store.list(f"cache/features-{key}/")):
-            for k, n in zip(remote, names):
-                store.get_file(k, local / n)
-            hit = "remote"
-    if hit == "miss":
-        local.mkdir(parents=True, exist_ok=True)
-        tr = train_features(tokenizer, train.rows, settings.max_length, settings.doc_stride)
-        ev = eval_features(tokenizer, evals.rows, settings.max_length, settings.doc_stride)
-        for cols, n in ((tr, names[0]), (ev, names[1])):
-            tmp = local / f".{n}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
-            datasets.Dataset.from_dict(cols).to_parquet(str(tmp))
-            tmp.replace(local / n)
-        if store is not None and is_writer:
-            for n in names:
-                store.put_file(local / n, f"cache/features-{key}/{n}")
-    train_ds = datasets.Dataset.from_parquet(str(local / names[0]))
-    eval_ds = datasets.Dataset.from_parquet(str(local / names[1]))
-    if len(train_ds) == 0:
-        raise DataError("no training windows produced: check QA_MAX_LENGTH and the data")
-    log.info("features ready", extra={"event": "features", "cache": hit, "cache_key": key,
-                                       "train_windows": len(train_ds), "eval_windows": len(eval_ds)})
-    return Features(train_ds, eval_ds, key, hit)

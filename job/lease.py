@@ -1,40 +1,66 @@
 """One process per run id: a lease object in storage, taken with a conditional write and renewed.
 
 The lease is ``<run>/lease.json``. Taking it is ``put IfNoneMatch=*``; renewing and taking over a
-stale one are ``put IfMatch=<etag>``, so among racing processes exactly one write wins. A holder
-that stops renewing (killed, partitioned) loses the lease once ``expires_at`` has passed.
+stale one are ``put IfMatch=<etag>``, so among racing processes exactly one write wins.
+
+Who holds it is a random token made by each process, never a host name and pid: two containers
+on one node can share both. Whether a holder is alive is decided by watching the lease object,
+not by reading clocks: a live holder rewrites it every third of its TTL, so a lease unchanged for
+a whole TTL belongs to a dead or cut-off process. A holder on this machine with this work dir is
+recognised at once through a lock file it keeps locked (``flock``) while it lives: the kernel
+drops the lock when the process dies, whatever PID namespace it was in.
+
+A holder that cannot renew for two thirds of its TTL, or finds the lease changed or gone, counts
+itself as having lost it: ``lost`` is set and ``guard`` makes every further write raise, so a
+process that lost its lease can no longer commit, prune or publish anything.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-import os
+import math
 import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
-from job.errors import RunLocked, StorageUnavailable
+from job.errors import RunLocked, StorageDenied, StorageUnavailable
 from job.storage import NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 KEY = "lease.json"
+LOCK_FILE = "lease.lock"
+_MAX_WATCH_SECONDS = 3600.0  # a hostile or broken lease cannot make us watch it for longer
+
+
+class LeaseLost(RunLocked):
+    """This process no longer holds the run lease: another process may be writing the run."""
 
 
 class Lease:
-    def __init__(self, store: Storage, run_id: str, ttl_seconds: float):
-        self.store, self.run_id, self.ttl = store, run_id, ttl_seconds
+    def __init__(self, store: Storage, run_id: str, ttl_seconds: float, stop=None, lock_dir: Path | None = None):
+        self.store, self.run_id, self.ttl, self.stop = store, run_id, ttl_seconds, stop
         self.token = uuid.uuid4().hex
         self.etag: str | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._renewed_at = 0.0
+        self._lock_dir = lock_dir
+        self._lock_file = None
+        self._lock_id = uuid.uuid4().hex
+        self._previous_lock_id = ""
 
     def _body(self) -> bytes:
-        return json.dumps({"holder": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+        return json.dumps({"holder": self.token, "lock": self._lock_id if self._lock_file else None,
+                           "host": socket.gethostname(), "ttl_seconds": self.ttl,
                            "expires_at": time.time() + self.ttl}).encode()
 
+    # ------------------------------------------------------------------ taking it
     def acquire(self) -> None:
+        self._take_local_lock()
         for _ in range(4):  # the lease may change or vanish between our failed create and our read
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_none_match=True)
@@ -50,90 +76,185 @@ class Lease:
                 self.etag = etag
                 break
             if not self._holder_gone(current, etag):
+                self._release_local_lock()
                 raise RunLocked(
-                    f"QA_RUN_ID={self.run_id} is already running on {current.get('host')} (pid {current.get('pid')}); "
-                    "wait for it to finish, or use another run id")
+                    f"QA_RUN_ID={self.run_id} is already running on {str(current.get('host'))[:64]} "
+                    "(its lease is being renewed); wait for it to finish, or use another run id")
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_match=etag)
-                log.warning("took over a stale lease", extra={"event": "lease_takeover", "previous_host": current.get("host"),
-                                                              "previous_pid": current.get("pid")})
+                log.warning("took over a stale lease", extra={"event": "lease_takeover", "previous_host": str(current.get("host"))[:64]})
                 break
             except PreconditionFailed:
                 continue  # someone else renewed or took it over meanwhile: look again
         else:
+            self._release_local_lock()
             raise RunLocked(f"QA_RUN_ID={self.run_id}: could not take the run lease")
+        self._renewed_at = time.monotonic()
         log.info("lease taken", extra={"event": "lease", "ttl_seconds": self.ttl})
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()
 
-    def _holder_gone(self, current: dict, etag: str) -> bool:
-        """True when the holder is dead: a dead pid on this host, or no renewal until expiry.
-
-        A live holder renews every ttl/3, so a lease unchanged after ttl/2 belongs to a process
-        that was killed; we then wait for its expiry rather than exit and burn a Job retry.
-        """
-        if current.get("host") == socket.gethostname() and (current.get("pid") == os.getpid() or not _alive(current.get("pid"))):
-            return True  # same machine (or container restarted in place): that process is gone
-        if current.get("expires_at", 0) <= time.time():
-            return True
-        time.sleep(self.ttl / 2)
+    def _take_local_lock(self) -> None:
+        """Hold ``<work>/<run>/lease.lock`` while we live; a live holder in this work dir is known at once."""
+        if self._lock_dir is None:
+            return
+        self._lock_dir.mkdir(parents=True, exist_ok=True)
+        f = open(self._lock_dir / LOCK_FILE, "a+")
         try:
-            raw, now_etag = self.store.get_bytes(KEY)
-        except NotFound:
-            return True
-        if now_etag != etag:
-            return False  # renewed: the holder is alive
-        wait = _parse(raw).get("expires_at", 0) - time.time()
-        log.warning("lease not renewed, waiting for it to expire", extra={"event": "lease_wait", "seconds": round(max(wait, 0), 1)})
-        time.sleep(max(wait, 0) + 0.5)
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.close()
+            raise RunLocked(f"QA_RUN_ID={self.run_id} is already running in this work dir ({self._lock_dir}); "
+                            "wait for it to finish, or use another run id") from None
+        f.seek(0)
+        self._previous_lock_id = f.read().strip()  # the id a dead holder of this work dir left behind
+        f.seek(0)
+        f.truncate()
+        f.write(self._lock_id)
+        f.flush()
+        self._lock_file = f
+
+    def _release_local_lock(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing drops the flock
+            self._lock_file = None
+
+    def _holder_gone(self, current: dict, etag: str) -> bool:
+        """True when the holder is dead: its lock file here is ours now, or the lease went unrenewed for a TTL."""
+        if self._lock_file is not None and current.get("lock") and current.get("lock") == self._previous_lock_id:
+            return True  # it held the lock file we could just lock: that process is gone
+        expires = current.get("expires_at")
+        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and math.isfinite(expires) and expires <= time.time():
+            return True  # its own deadline has passed (a wrong clock only makes us wait, below)
+        ttl = current.get("ttl_seconds")
+        watch = ttl if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0 else self.ttl
+        watch = min(max(watch, 1.0), _MAX_WATCH_SECONDS)
+        log.warning("lease held elsewhere; watching for renewals", extra={"event": "lease_wait", "seconds": round(watch, 1)})
+        deadline = time.monotonic() + watch
+        while time.monotonic() < deadline:
+            if self._sleep(min(watch / 6, deadline - time.monotonic())):
+                self.stop.check()
+            try:
+                _, now_etag = self.store.get_bytes(KEY)
+            except NotFound:
+                return True
+            if now_etag != etag:
+                return False  # renewed: the holder is alive
         return True
 
-    def _renew_loop(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
-            except PreconditionFailed:
-                log.error("lease lost to another process", extra={"event": "lease_lost"})
-                self.lost.set()
-                return
-            except StorageUnavailable as exc:  # keep training; the next renewal may get through
-                log.warning("lease renewal failed", extra={"event": "lease_renew_failed", "error": str(exc)})
+    def _sleep(self, seconds: float) -> bool:
+        if self.stop is not None:
+            return self.stop.wait(seconds)
+        time.sleep(max(0.0, seconds))
+        return False
 
-    def release(self) -> None:
+    # ------------------------------------------------------------------ keeping it
+    def _renew_loop(self) -> None:
+        try:
+            while not self._stop.wait(self.ttl / 3):
+                if self._renew_once():
+                    return
+        except BaseException as exc:  # noqa: BLE001  a dead renewal thread must never go unnoticed
+            self._lose(f"lease renewal crashed: {type(exc).__name__}")
+
+    def _renew_once(self) -> bool:
+        """One renewal; True once the lease is lost (the loop ends)."""
+        try:
+            self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
+            self._renewed_at = time.monotonic()
+            return False
+        except (PreconditionFailed, NotFound):
+            self._lose("the lease was changed or removed by another process")
+            return True
+        except StorageDenied as exc:  # e.g. an expired token: we cannot prove we hold it any more
+            self._lose(f"storage refused the lease renewal ({exc})")
+            return True
+        except (StorageUnavailable, Exception) as exc:  # noqa: BLE001  keep training; the next renewal may get through
+            log.warning("lease renewal failed", extra={"event": "lease_renew_failed", "error": str(exc)[:300]})
+        # others may take the lease over a TTL after our last renewal: stop writing well before that
+        if time.monotonic() - self._renewed_at > 2 * self.ttl / 3:
+            self._lose("the lease could not be renewed in time")
+            return True
+        return False
+
+    def _lose(self, why: str) -> None:
+        if not self.lost.is_set():
+            log.error("lease lost", extra={"event": "lease_lost", "reason": why})
+            self.lost.set()
+
+    def verify(self) -> None:
+        """Before a commit point: raise LeaseLost unless the lease in storage is still ours."""
+        if self.lost.is_set():
+            raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+        try:
+            raw, _ = self.store.get_bytes(KEY)
+        except NotFound:
+            raw = b""
+        if _parse(raw).get("holder") != self.token:
+            self._lose("the lease in storage names another holder")
+            raise LeaseLost(f"QA_RUN_ID={self.run_id}: another process holds the run lease; this one writes nothing more")
+
+    def guard(self, store: Storage) -> "FencedStorage":
+        return FencedStorage(store, self)
+
+    # ------------------------------------------------------------------ giving it back
+    def release(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=5)
-        if self.lost.is_set() or self.etag is None:
-            return
+            self._thread.join(timeout=max(0.0, min(timeout, 5.0)))
         try:
+            if self.lost.is_set() or self.etag is None or timeout <= 0:
+                return
             raw, _ = self.store.get_bytes(KEY)
             if _parse(raw).get("holder") == self.token:
                 self.store.delete(KEY)
-        except (NotFound, StorageUnavailable):
-            pass  # an expired lease is taken over anyway
+        except (NotFound, StorageUnavailable, StorageDenied):
+            pass  # an unreleased lease is taken over once it goes unrenewed
+        finally:
+            self._release_local_lock()
 
     def __enter__(self) -> "Lease":
         self.acquire()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.release()
+        self.release(self.stop.time_left() if self.stop is not None and self.stop.requested else 5.0)
 
 
-def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+class FencedStorage:
+    """The run's storage as seen by a lease holder: no write once the lease is lost.
+
+    Bulk uploads check the ``lost`` flag; markers and deletes (the writes that make something
+    count or disappear) first read the lease back and check it still names this process.
+    """
+
+    def __init__(self, store: Storage, lease: Lease):
+        self._store, self._lease = store, lease
+        self.uri = store.uri
+
+    def __getattr__(self, name):  # reads (get_bytes, list, size, get_file, check_access) pass through
+        return getattr(self._store, name)
+
+    def _check(self) -> None:
+        if self._lease.lost.is_set():
+            raise LeaseLost(f"QA_RUN_ID={self._lease.run_id}: this process lost the run lease; it writes nothing more")
+
+    def put_file(self, local, key: str) -> None:
+        self._check()
+        self._store.put_file(local, key)
+
+    def put_bytes(self, key: str, data: bytes, **conditions) -> str:
+        self._lease.verify()
+        return self._store.put_bytes(key, data, **conditions)
+
+    def delete(self, key: str) -> None:
+        self._lease.verify()
+        self._store.delete(key)
 
 
 def _parse(raw: bytes) -> dict:
     try:
-        return json.loads(raw)
-    except ValueError:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
         return {}
+    return value if isinstance(value, dict) else {}

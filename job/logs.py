@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from job.redaction import redact, redact_text
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -26,7 +28,8 @@ class JsonFormatter(logging.Formatter):
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")})
         if record.exc_info and record.levelno >= logging.ERROR:
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
-        return json.dumps(entry, default=str)
+        # every line, ours and the libraries', passes here: the one place secrets are removed
+        return redact_text(json.dumps(redact(entry), default=str))
 
 
 def setup_logging(level: int = logging.INFO, rank: int | None = None) -> None:

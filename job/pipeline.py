@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from job import checkpoints, publish
 from job.data import load_splits
-from job.errors import ConfigError, Preempted, RunLocked
+from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
-from job.features import build_features
+from job.feature_cache import build_features
+from job.fingerprint import training_inputs
 from job.lease import Lease
 from job.preemption import StopRequest
 from job.settings import Settings
@@ -27,46 +30,82 @@ class Ranks:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1
+    node: int = 0  # torchrun's GROUP_RANK
 
     @classmethod
     def from_env(cls, environ) -> "Ranks":
-        return cls(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)), int(environ.get("WORLD_SIZE", 1)))
+        world = int(environ.get("WORLD_SIZE", 1))
+        rank, local_world = int(environ.get("RANK", 0)), int(environ.get("LOCAL_WORLD_SIZE", world))
+        return cls(rank, int(environ.get("LOCAL_RANK", 0)), world, local_world, int(environ.get("GROUP_RANK", rank // max(local_world, 1))))
 
     @property
     def is_writer(self) -> bool:
+        """Rank 0 alone holds the lease, commits checkpoints and publishes."""
         return self.rank == 0
 
+    @property
+    def is_node_leader(self) -> bool:
+        """The first process of each node uploads the checkpoint files only its node has."""
+        return self.local_rank == 0
 
-def run(settings: Settings, ranks: Ranks) -> None:
-    stop = StopRequest(settings.stop_grace_seconds).install()
+    @property
+    def nodes(self) -> int:
+        return max(self.world_size // max(self.local_world_size, 1), 1)
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every stage after start-up shares: settings, place in the process group, storage, stop and lease."""
+
+    settings: Settings
+    ranks: Ranks
+    store: object  # job.storage.Storage of the run folder
+    stop: StopRequest
+    lease: Lease | None
+
+    def check_stop(self) -> None:
+        """Between stages: a lost lease or a stop request ends the run here (exit 4 or 143)."""
+        if self.lease is not None and self.lease.lost.is_set():
+            raise RunLocked("the run lease was taken over by another process; stopped after checkpointing")
+        self.stop.check()
+
+
+def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
+    work = prepare_work_dir(settings)
     store = open_run_storage(settings)
     if publish.is_complete(store):
         log.info("run already complete, nothing to do", extra={"event": "already_complete", "run_id": settings.run_id})
         return
-    lease = Lease(store, settings.run_id, settings.lease_seconds) if ranks.is_writer else None
+    lease = Lease(store, settings.run_id, settings.lease_seconds, stop, lock_dir=work) if ranks.is_writer else None
     with lease or contextlib.nullcontext():
-        staged = publish.staged(settings)
-        if staged is not None:  # an earlier attempt trained and evaluated; only the upload failed
-            if ranks.is_writer:
-                log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
-                publish.publish(staged, store)
-            return
+        ctx = RunContext(settings, ranks, lease.guard(store) if lease else store, stop, lease)
         train_split, eval_split = load_splits(settings, _policy(settings))
+        inputs = training_inputs(settings, train_split.sha256, eval_split.sha256)
+        if ranks.is_writer:
+            publish.claim_run_folder(ctx.store, settings, inputs)
+        if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, stop):
+            return  # an earlier attempt of this very run trained and evaluated; only the upload failed
+        ctx.check_stop()
         tokenizer, model = load_model(settings.model_name, settings.seed)
-        features = build_features(settings, tokenizer, train_split, eval_split, store, ranks.is_writer)
-        _check_stop(stop, lease)
-        fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, model, features, train_split, eval_split)
+        features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
+        ctx.check_stop()
+        fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
 
 
-def fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, model, features, train_split, eval_split):
+def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
     import torch
 
+    settings, ranks, store, stop, lease = ctx.settings, ctx.ranks, ctx.store, ctx.stop, ctx.lease
     cuda = torch.cuda.is_available()
     precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported())
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
     resume = _restore(store, out, ranks, args)
-    uploader = checkpoints.Uploader(store, settings.checkpoints_to_keep, settings.storage_backoff_seconds) if ranks.is_writer else None
+    uploader = None
+    if ranks.is_node_leader:
+        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes)
+        uploader = checkpoints.Uploader(sync, settings.storage_backoff_seconds)
     callbacks = [ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
                  checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, stop, uploader, lease)]
     trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
@@ -77,12 +116,14 @@ def fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, m
     finally:
         if uploader is not None and (stop.requested or (lease and lease.lost.is_set())):
             committed = uploader.close(stop.time_left())
+            stop.checkpoint_committed(committed)
             log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
                                                             "step": trainer.state.global_step})
-    _check_stop(stop, lease)
+    ctx.check_stop()
     if uploader is not None and not uploader.close(settings.stop_grace_seconds):
-        log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending"})
-    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings)
+        log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
+                                                                                "step": trainer.state.global_step})
+    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=stop)
     if ranks.is_writer:
         context = {
             "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows)} for s in (train_split, eval_split)},
@@ -90,8 +131,23 @@ def fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, m
             "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,
             "resumed_from_step": _step(resume),
         }
-        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context)
-        publish.publish(root, store)
+        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        publish.publish(root, store, stop)
+
+
+def prepare_work_dir(settings: Settings) -> Path:
+    """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it."""
+    work = Path(settings.work_dir) / settings.run_id
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageUnavailable(f"QA_WORK_DIR={settings.work_dir}: no space left ({exc.strerror})") from None
+        raise ConfigError(f"QA_WORK_DIR={settings.work_dir}: not a writable directory ({exc.strerror})") from None
+    return work
 
 
 def open_run_storage(settings: Settings):
@@ -134,10 +190,3 @@ def _device_name(cuda: bool) -> str:
     import torch
 
     return torch.cuda.get_device_name(0) if cuda else "cpu"
-
-
-def _check_stop(stop: StopRequest, lease) -> None:
-    if lease is not None and lease.lost.is_set():
-        raise RunLocked("the run lease was taken over by another process; stopped after checkpointing")
-    if stop.requested:
-        raise Preempted(f"stopped by {stop.signal_name}; rerun with the same QA_RUN_ID to resume")

@@ -13,11 +13,16 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from job.storage import NotFound, Storage, atomic_write
+from job.errors import ConfigError
+from job.fingerprint import differences, digest
+from job.redaction import redact
+from job.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
+RUN_RECORD = "run.json"  # what started this run folder: a rerun under the same run id must match it
 STAGED = ".staged"  # local only: the staging folder is whole
+BINDING = ".binding.json"  # local only: which inputs and which destination the staged results belong to
 _PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings")
 
 
@@ -43,7 +48,34 @@ def versions() -> dict[str, str]:
     return out
 
 
-def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict) -> Path:
+def claim_run_folder(store: Storage, settings, inputs: dict) -> None:
+    """Record what this run is; refuse to continue a run folder that another configuration started.
+
+    Checkpoints under ``<output>/<run_id>/`` are resumed by step count: resuming them with other
+    data or another learning rate would silently train a model nobody asked for.
+    """
+    record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "inputs": redact(inputs),
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)
+        return
+    except PreconditionFailed:
+        pass
+    raw, _ = store.get_bytes(RUN_RECORD)
+    try:
+        earlier = json.loads(raw)
+        same = earlier["fingerprint"] == record["fingerprint"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{store.uri}/{RUN_RECORD} is not a run record; delete {store.uri} to start the run over") from None
+    if not same:
+        changed = differences(earlier.get("inputs", {}), record["inputs"]) if isinstance(earlier.get("inputs"), dict) else []
+        raise ConfigError(f"QA_RUN_ID={settings.run_id}: {store.uri} was started with other settings or data "
+                          f"(differs in: {', '.join(changed[:8]) or 'unknown'}); use a new QA_RUN_ID, "
+                          "or delete that folder to start over")
+
+
+def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
+          inputs: dict) -> Path:
     """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
     root = staging_dir(settings)
     shutil.rmtree(root, ignore_errors=True)
@@ -64,24 +96,57 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     atomic_write(root / "metrics.json", json.dumps(metrics, indent=2).encode())
     atomic_write(root / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False).encode())
     atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
+    atomic_write(root / BINDING, json.dumps(_binding(settings, inputs)).encode())
     atomic_write(root / STAGED, b"")
     return root
 
 
-def staged(settings) -> Path | None:
+def _binding(settings, inputs: dict) -> dict:
+    return {"fingerprint": digest(inputs), "run_uri": settings.run_uri}
+
+
+def publish_staged(settings, store: Storage, inputs: dict, is_writer: bool, stop) -> bool:
+    """Publish results staged by an earlier attempt of this very run; False when there are none.
+
+    Staged results count only for the inputs and the destination they were produced for: a run
+    folder deleted and rerun with another learning rate, other data or another QA_OUTPUT_URI
+    trains afresh, and the stale staging is removed.
+    """
     root = staging_dir(settings)
-    return root if (root / STAGED).is_file() else None
+    if not (root / STAGED).is_file():
+        return False
+    try:
+        binding = json.loads((root / BINDING).read_text())
+    except (OSError, ValueError):
+        binding = None
+    if binding != _binding(settings, inputs):
+        log.warning("discarding results staged for another run", extra={"event": "staged_discarded", "path": str(root)})
+        shutil.rmtree(root, ignore_errors=True)
+        return False
+    if is_writer:
+        log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
+        publish(root, store, stop)
+    return True
 
 
-def publish(root: Path, store: Storage) -> None:
-    """Upload every staged file, then the completion marker; storage errors propagate (exit 75)."""
-    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name != STAGED]
+def publish(root: Path, store: Storage, stop=None) -> None:
+    """Upload every staged file, then the completion marker; storage errors propagate (exit 75).
+
+    A stop request is honoured between files: without ``COMPLETE`` nothing counts as published,
+    and the staged folder stays for the rerun. Once ``COMPLETE`` is written the staging is removed.
+    """
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (STAGED, BINDING)]
     for path in files:
+        if stop is not None:
+            stop.check()
         store.put_file(path, path.relative_to(root).as_posix())
+    if stop is not None:
+        stop.check()
     metrics = json.loads((root / "metrics.json").read_text())
     store.put_bytes(COMPLETE, json.dumps({"completed_at": time.time(), "files": len(files),
                                           "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}).encode())
     log.info("published", extra={"event": "published", "uri": store.uri, "files": len(files)})
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def model_card(settings, metrics: dict, context: dict) -> str:

@@ -13,16 +13,18 @@ import re
 import tempfile
 from pathlib import Path
 from typing import Literal, Mapping
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import ConfigError
+from job.locations import UnsafeName, is_s3, join, parse_s3
+from job.redaction import redact
 
 ENV_PREFIX = "QA_"
-_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SCHEMES = ("s3://",)
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+|[a-z0-9][a-z0-9-]{0,62}")
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP... for every Service in the
 # namespace; a Service named "qa-..." must not turn into an "unknown setting" error.
 _SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
@@ -35,7 +37,8 @@ def _default_run_id() -> str:
 class Settings(BaseSettings):
     """The job's configuration. Each field is the variable ``QA_<FIELD>`` in upper case."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+    # allow_inf_nan=False: "inf" seconds of grace or a NaN threshold would pass every bound check
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", allow_inf_nan=False)
 
     # identity and places
     run_id: str = Field(default_factory=_default_run_id, description="identity of the run")
@@ -75,7 +78,7 @@ class Settings(BaseSettings):
     grad_accum_steps: PositiveInt = 1
     weight_decay: float = Field(0.01, ge=0, lt=1)
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range: a larger one fails deep in set_seed
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     group_by_length: bool = True
     dataloader_workers: int = Field(2, ge=0, le=64)
@@ -102,43 +105,61 @@ class Settings(BaseSettings):
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_key(cls, v: str) -> str:
-        if not _RUN_ID.match(v):
+        if not _RUN_ID.fullmatch(v):
             raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
     @field_validator("train_uri", "eval_uri", "output_uri")
     @classmethod
     def _known_scheme(cls, v: str | None) -> str | None:
+        """A local path (``file://`` is accepted and dropped) or ``s3://bucket/key``, parsed by job.locations."""
         if v is None:
             return v
         if not v.strip():
             raise ValueError("must not be empty")
-        if "://" in v and not v.startswith(_SCHEMES) and not v.startswith("file://"):
-            raise ValueError(f"unsupported URI scheme {v.split('://')[0]!r}: use a local path or s3://bucket/key")
-        if v.startswith("s3://") and not urlsplit(v).netloc:
-            raise ValueError("an s3:// URI needs a bucket: s3://bucket/key")
+        if v.startswith("file://"):
+            v = v[len("file://"):]
+            if not v:
+                raise ValueError("file:// needs a path")
+        elif "://" in v and not is_s3(v):
+            raise ValueError(f"unsupported URI scheme {v.split('://')[0][:20]!r}: use a local path or s3://bucket/key")
+        elif is_s3(v):
+            try:
+                parse_s3(v)
+            except UnsafeName as exc:
+                raise ValueError(str(exc)) from None
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must not contain control characters")
+        return v
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _endpoint_is_a_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  raises on a port that is not a number
+        except ValueError:
+            raise ValueError("not a URL: use http(s)://host[:port]") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in v):
+            raise ValueError("not a URL: use http(s)://host[:port]")
+        return v
+
+    @field_validator("s3_region")
+    @classmethod
+    def _region_is_a_name(cls, v: str | None) -> str | None:
+        if v is not None and not _REGION.fullmatch(v):
+            raise ValueError("not a region name (e.g. us-east-1)")
         return v
 
     @property
     def run_uri(self) -> str:
-        return self.output_uri.rstrip("/") + "/" + self.run_id
+        return join(self.output_uri, self.run_id)
 
     def public_dict(self) -> dict:
         """The resolved settings with anything secret-looking redacted, for manifests and logs."""
-        return {k: redact(v) for k, v in self.model_dump().items()}
-
-
-def redact(value):
-    """Remove credentials a user may have embedded in a URL (``https://user:pass@host``)."""
-    if not isinstance(value, str) or "@" not in value or "://" not in value:
-        return value
-    parts = urlsplit(value)
-    if parts.username is None and parts.password is None:
-        return value
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))
+        return redact(self.model_dump())
 
 
 def env_name(field: str) -> str:
@@ -171,7 +192,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             raw = values.get(field)
-            shown = f" (got {raw!r})" if raw is not None and len(str(raw)) < 80 else ""
+            # the value helps find a typo; a secret in it must not be echoed (redact is the one filter)
+            shown = f" (got {redact(raw)!r})" if raw is not None and len(str(raw)) < 80 else ""
             problems.append(f"{env_name(field)}: {_message(err)}{shown}")
     if settings is not None:
         problems.extend(_cross_checks(settings))

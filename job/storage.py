@@ -7,6 +7,8 @@ the job understands: ``NotFound``, ``PreconditionFailed`` (a conditional write l
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import logging
@@ -17,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
-from urllib.parse import urlsplit
-
 from job.errors import StorageDenied, StorageUnavailable
+from job.locations import UnsafeName, confine, parse_s3
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,8 +56,10 @@ class RetryPolicy:
 
 
 def split_s3(uri: str) -> tuple[str, str]:
-    parts = urlsplit(uri)
-    return parts.netloc, parts.path.lstrip("/")
+    try:
+        return parse_s3(uri)
+    except UnsafeName as exc:
+        raise StorageDenied(f"cannot use {uri[:200]}: {exc}") from None
 
 
 def open_storage(uri: str, policy: RetryPolicy, endpoint_url: str | None = None, region: str | None = None) -> Storage:
@@ -91,31 +94,56 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def _local_errors(what: str):
+    """A local disk's errors in the storage vocabulary: full is transient (exit 75), forbidden is not (exit 2)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageUnavailable(f"{what}: no space left on {exc.filename or 'the output disk'}") from None
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise StorageDenied(f"{what}: cannot write {exc.filename or ''} ({exc.strerror}); check QA_OUTPUT_URI") from None
+        raise
+
+
+def _copy_atomically(src: Path, dest: Path, what: str) -> None:
+    """Copy to a hidden temp name, then rename; the temp file never outlives a failure."""
+    tmp = dest.with_name(f".{dest.name}.part")
+    with _local_errors(what):
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 class LocalStorage:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.uri = str(self.root)
 
     def _path(self, key: str) -> Path:
-        return self.root / key
+        try:
+            return confine(self.root, key)
+        except UnsafeName as exc:
+            raise StorageDenied(f"refusing key outside {self.root}: {exc}") from None
 
     def put_file(self, local: Path, key: str) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.part")
-        shutil.copyfile(local, tmp)
-        os.replace(tmp, dest)
+        _copy_atomically(local, self._path(key), f"upload {key}")
 
     def get_file(self, key: str, local: Path) -> None:
         src = self._path(key)
         if not src.is_file():
             raise NotFound(key)
-        local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, local)
+        _copy_atomically(src, local, f"download {key}")
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
+        with _local_errors(f"write {key}"):
+            return self._put_bytes(key, data, if_none_match=if_none_match, if_match=if_match)
+
+    def _put_bytes(self, key: str, data: bytes, *, if_none_match: bool, if_match: str | None) -> str:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         if if_none_match:
@@ -123,8 +151,12 @@ class LocalStorage:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 raise PreconditionFailed(key) from None
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:
+                path.unlink(missing_ok=True)  # a half-written create must not look like a taken lease
+                raise
             return hashlib.md5(data).hexdigest()
         if if_match is not None:
             # compare-and-swap under an exclusive lock, so racing processes see one winner
@@ -155,7 +187,7 @@ class LocalStorage:
             raise NotFound(key) from None
 
     def list(self, prefix: str) -> list[str]:
-        base = self._path(prefix)
+        base = self._path(prefix.rstrip("/")) if prefix.strip("/") else self.root
         start = base if base.is_dir() else base.parent
         if not start.exists():
             return []
@@ -180,7 +212,8 @@ class LocalStorage:
                 break
 
 
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled", "403"}
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket", "AllAccessDisabled", "403",
+           "InvalidBucketName", "AuthorizationHeaderMalformed", "InvalidToken", "ExpiredToken", "PermanentRedirect"}
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _PRECONDITION = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 
@@ -205,13 +238,17 @@ class S3Storage:
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
-        self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        try:
+            self.client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        except Exception as exc:  # invalid endpoint or region: botocore says so when the client is made
+            raise StorageDenied(f"cannot create the S3 client for {self.uri}: {str(exc).splitlines()[0][:200]} "
+                                "(check QA_S3_ENDPOINT_URL and QA_S3_REGION)") from None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _call(self, what: str, fn: Callable[[], T], attempts: int | None = None) -> T:
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, ParamValidationError
 
         attempts = attempts or self.policy.attempts
         for attempt in range(1, attempts + 1):
@@ -219,6 +256,8 @@ class S3Storage:
                 return fn()
             except NoCredentialsError:
                 raise StorageDenied(f"no S3 credentials found for {self.uri} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a role)") from None
+            except ParamValidationError as exc:  # a request botocore will not even send: retrying cannot help
+                raise StorageDenied(f"storage rejected {what} on {self.uri}: {str(exc).splitlines()[0][:200]}") from None
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

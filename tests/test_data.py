@@ -16,7 +16,7 @@ def flat(rows):
 
 
 def check(rows, expected, squad_v2=False):
-    got = validate_rows(rows, "x", squad_v2=squad_v2, require_answers=True)
+    got = validate_rows(rows, "x", squad_v2=squad_v2)
     assert [(r["id"], r["answers"]["text"][:1]) for r in got] == [(r["id"], r["answers"]["text"][:1]) for r in expected]
 
 
@@ -27,7 +27,7 @@ def test_jsonl(train_rows):
 def test_nested_squad_v1_and_v2():
     v1 = read_rows(DATA / "squad_v1_dev_nested_small.json", "f")
     assert len(v1) > 10 and all(len(r["answers"]["text"]) >= 1 for r in v1)
-    v2 = validate_rows(read_rows(DATA / "squad_v2_dev_nested_small.json", "f"), "f", squad_v2=True, require_answers=True)
+    v2 = validate_rows(read_rows(DATA / "squad_v2_dev_nested_small.json", "f"), "f", squad_v2=True)
     assert any(not r["answers"]["text"] for r in v2) and any(r["answers"]["text"] for r in v2)
 
 
@@ -50,8 +50,8 @@ def test_csv_flat_and_json_answers(tmp_path, train_rows):
 def test_unanswerable_train_row_needs_squad_v2(train_rows):
     row = dict(train_rows[0], answers={"text": [], "answer_start": []})
     with pytest.raises(DataError, match="QA_SQUAD_V2"):
-        validate_rows([row], "train.jsonl", squad_v2=False, require_answers=True)
-    assert validate_rows([row], "train.jsonl", squad_v2=True, require_answers=True)
+        validate_rows([row], "train.jsonl", squad_v2=False)
+    assert validate_rows([row], "train.jsonl", squad_v2=True)
 
 
 @pytest.mark.parametrize("change, needle", [
@@ -65,7 +65,7 @@ def test_bad_rows_are_named(change, needle):
     row = {"id": "R1", "context": "Paris is nice.", "question": "Where?", "answers": {"text": ["Paris"], "answer_start": [0]}}
     row.update(change)
     with pytest.raises(DataError) as info:
-        validate_rows([row], "train.jsonl", squad_v2=False, require_answers=True)
+        validate_rows([row], "train.jsonl", squad_v2=False)
     assert str(info.value).startswith("train.jsonl: ") and needle in str(info.value)
 
 

@@ -1,15 +1,18 @@
 """One process per run id: the storage lease, on a real S3 server and on local disk."""
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from job.errors import RunLocked
-from job.lease import KEY, Lease
+from job.errors import RunLocked, StorageDenied
+from job.lease import KEY, Lease, LeaseLost
 from job.storage import LocalStorage
-from tests.support.jobrun import RunningJob, job_env, run_job
+from tests.support.jobrun import ROOT, RunningJob, job_env, run_job
 
 
 def test_two_jobs_started_together_exactly_one_trains(s3_bucket, tmp_path, tiny_model):
@@ -68,11 +71,109 @@ def test_live_holder_on_another_host_keeps_its_lease(tmp_path):
         thread.join()
 
 
-def test_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
-    store = LocalStorage(tmp_path)
-    body = {"holder": "x", "host": socket.gethostname(), "pid": 2 ** 22 + 7, "expires_at": time.time() + 300}
-    store.put_bytes(KEY, json.dumps(body).encode())
+HOLD = """
+import sys, time
+from pathlib import Path
+from job.lease import Lease
+from job.storage import LocalStorage
+lease = Lease(LocalStorage(Path(sys.argv[1])), "r", ttl_seconds=300, lock_dir=Path(sys.argv[2]))
+lease.acquire()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_dead_holder_with_this_work_dir_is_taken_over_at_once(tmp_path):
+    """The holder's lock file in the work dir is free once it died: no need to wait out its 300 s TTL."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out"), str(tmp_path / "work")],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match="already running in this work dir"):  # alive: refused at once
+            Lease(LocalStorage(tmp_path / "out"), "r", ttl_seconds=300, lock_dir=tmp_path / "work").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
     started = time.monotonic()
-    with Lease(store, "r", ttl_seconds=300):
+    with Lease(LocalStorage(tmp_path / "out"), "r", ttl_seconds=300, lock_dir=tmp_path / "work"):
         pass
-    assert time.monotonic() - started < 1
+    assert time.monotonic() - started < 2
+
+
+def test_live_holder_with_our_host_name_and_pid_is_not_robbed(tmp_path):
+    """Two containers on one node can share host name and pid (separate PID namespaces): neither is proof of death."""
+    store = LocalStorage(tmp_path)
+    stop = threading.Event()
+
+    def holder():  # a live job in another container: same host name, same pid as ours, renewing
+        while not stop.is_set():
+            body = {"holder": "other", "host": socket.gethostname(), "pid": os.getpid(), "expires_at": time.time() + 2}
+            store.put_bytes(KEY, json.dumps(body).encode())
+            stop.wait(0.3)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        with pytest.raises(RunLocked, match="already running"):
+            Lease(store, "r", ttl_seconds=2, lock_dir=tmp_path / "work").acquire()
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize("expires_at", [time.time() + 10 ** 7, "soon", None, float("nan")])
+def test_unrenewed_lease_with_a_hostile_expiry_is_taken_over_after_one_ttl(tmp_path, expires_at):
+    store = LocalStorage(tmp_path)
+    raw = json.dumps({"holder": "gone", "host": "elsewhere", "expires_at": expires_at}).replace("NaN", "1e999")
+    store.put_bytes(KEY, raw.encode())
+    started = time.monotonic()
+    with Lease(store, "r", ttl_seconds=2):
+        pass
+    assert time.monotonic() - started < 6
+
+
+class DenyAfter(LocalStorage):
+    """Local storage that refuses writes of the lease once told to (an expired token, a revoked role)."""
+
+    deny = False
+
+    def put_bytes(self, key, data, **kw):
+        if self.deny and key == KEY:
+            raise StorageDenied("AccessDenied")
+        return super().put_bytes(key, data, **kw)
+
+
+@pytest.mark.parametrize("fault", ["deleted", "denied", "taken"])
+def test_a_lease_that_cannot_be_renewed_is_lost_and_fences_every_write(tmp_path, fault):
+    store = DenyAfter(tmp_path)
+    lease = Lease(store, "r", ttl_seconds=1.5)
+    lease.acquire()
+    fenced = lease.guard(store)
+    fenced.put_bytes("before.json", b"{}")
+    if fault == "deleted":
+        (tmp_path / KEY).unlink()
+    elif fault == "denied":
+        store.deny = True
+    else:
+        store.put_bytes(KEY, json.dumps({"holder": "thief", "expires_at": time.time() + 60}).encode())
+    assert lease.lost.wait(5), "the renewal thread must notice"
+    for write in (lambda: fenced.put_bytes("after.json", b"{}"), lambda: fenced.delete("before.json"),
+                  lambda: fenced.put_file(tmp_path / "before.json", "copy.json")):
+        with pytest.raises(LeaseLost):
+            write()
+    assert not (tmp_path / "after.json").exists() and not (tmp_path / "copy.json").exists()
+    assert (tmp_path / "before.json").exists()
+    lease.release()
+
+
+def test_a_stolen_lease_is_noticed_before_the_next_commit(tmp_path):
+    """Between renewals, a commit point reads the lease back: a thief is seen before anything is committed."""
+    store = LocalStorage(tmp_path)
+    lease = Lease(store, "r", ttl_seconds=60)  # no renewal during this test
+    lease.acquire()
+    store.put_bytes(KEY, json.dumps({"holder": "thief", "expires_at": time.time() + 60}).encode())
+    with pytest.raises(LeaseLost):
+        lease.guard(store).put_bytes("checkpoints/checkpoint-4/COMMIT.json", b"{}")
+    assert lease.lost.is_set() and not (tmp_path / "checkpoints").exists()
+    lease.release()

@@ -1,0 +1,143 @@
+"""Tokenized features, cached locally and in the run's storage, and verified before they are used.
+
+A cache folder ``cache/features-<key>/`` holds ``train.parquet``, ``eval.parquet`` and, written
+last, ``features.json`` listing each file's size and sha256: the same commit-marker rule as
+checkpoints. A cache that does not verify (replaced, truncated, half-uploaded, unreadable) is
+rebuilt, never trusted; the key covers the data, the tokenizer and every preprocessing setting.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import DataError
+from job.features import eval_features, train_features
+from job.storage import NotFound, sha256_file
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "2"  # bump when the feature layout changes, so old caches are not reused
+NAMES = ("train.parquet", "eval.parquet")
+MANIFEST = "features.json"
+
+
+@dataclass
+class Features:
+    train: object  # datasets.Dataset
+    eval: object  # datasets.Dataset
+    cache_key: str
+    cache_hit: str  # "local", "remote" or "miss"
+
+
+def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, settings) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    parts = [CACHE_VERSION, model_name, type(tokenizer).__name__, hashlib.sha256(vocab.encode()).hexdigest(),
+             train_sha, eval_sha, settings.max_length, settings.doc_stride,
+             settings.max_train_samples, settings.max_eval_samples, settings.squad_v2]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+def build_features(settings, tokenizer, train, evals, store, is_writer: bool) -> Features:
+    """Load the features from the local or remote cache, or tokenize and cache them."""
+    key = cache_key(tokenizer, settings.model_name, train.sha256, evals.sha256, settings)
+    local = Path(settings.work_dir) / settings.run_id / "features" / key
+    remote = f"cache/features-{key}/"
+    hit, loaded = "miss", None
+    if _verified(local):
+        hit, loaded = "local", _read(local)
+    if loaded is None and store is not None and _download(store, remote, local):
+        hit, loaded = "remote", _read(local)
+    if loaded is None:
+        hit = "miss"
+        _build(settings, tokenizer, train, evals, local)
+        if store is not None and is_writer:
+            for name in (*NAMES, MANIFEST):  # the manifest last: a cache without it does not exist
+                store.put_file(local / name, remote + name)
+        loaded = _read(local)
+        if loaded is None:
+            raise DataError(f"the features just built in {local} cannot be read back")
+    train_ds, eval_ds = loaded
+    if len(train_ds) == 0:
+        raise DataError("no training windows produced: check QA_MAX_LENGTH and the data")
+    log.info("features ready", extra={"event": "features", "cache": hit, "cache_key": key,
+                                       "train_windows": len(train_ds), "eval_windows": len(eval_ds)})
+    return Features(train_ds, eval_ds, key, hit)
+
+
+def _build(settings, tokenizer, train, evals, local: Path) -> None:
+    import datasets
+
+    local.mkdir(parents=True, exist_ok=True)
+    (local / MANIFEST).unlink(missing_ok=True)
+    tr = train_features(tokenizer, train.rows, settings.max_length, settings.doc_stride)
+    ev = eval_features(tokenizer, evals.rows, settings.max_length, settings.doc_stride)
+    for cols, name in ((tr, NAMES[0]), (ev, NAMES[1])):
+        tmp = local / f".{name}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
+        datasets.Dataset.from_dict(cols).to_parquet(str(tmp))
+        tmp.replace(local / name)
+    manifest = {name: {"size": (local / name).stat().st_size, "sha256": sha256_file(local / name)} for name in NAMES}
+    tmp = local / f".{MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest))
+    tmp.replace(local / MANIFEST)
+
+
+def _listed(raw: bytes) -> dict | None:
+    """The manifest's ``{name: {size, sha256}}`` for exactly the expected names, or None."""
+    try:
+        manifest = json.loads(raw)
+        if set(manifest) != set(NAMES):
+            return None
+        for meta in manifest.values():
+            if not (isinstance(meta["size"], int) and isinstance(meta["sha256"], str) and len(meta["sha256"]) == 64):
+                return None
+        return manifest
+    except (ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        return None
+
+
+def _verified(local: Path) -> bool:
+    try:
+        manifest = _listed((local / MANIFEST).read_bytes())
+    except OSError:
+        return False
+    ok = manifest is not None and all(
+        (local / n).is_file() and (local / n).stat().st_size == m["size"] and sha256_file(local / n) == m["sha256"]
+        for n, m in manifest.items())
+    if not ok and (local / MANIFEST).exists():
+        log.warning("local feature cache does not verify; rebuilding", extra={"event": "features_cache_invalid", "where": "local"})
+    return ok
+
+
+def _download(store, remote: str, local: Path) -> bool:
+    """Fetch a committed remote cache and verify it; False (nothing trusted) when absent or invalid."""
+    if remote + MANIFEST not in set(store.list(remote)):
+        return False
+    try:
+        manifest = _listed(store.get_bytes(remote + MANIFEST)[0])
+        if manifest is None:
+            raise ValueError("malformed manifest")
+        local.mkdir(parents=True, exist_ok=True)
+        for name, meta in manifest.items():
+            store.get_file(remote + name, local / name)
+            if sha256_file(local / name) != meta["sha256"]:
+                raise ValueError(f"{name}: sha256 mismatch")
+        (local / MANIFEST).write_text(json.dumps(manifest))
+        return True
+    except (NotFound, ValueError) as exc:
+        log.warning("remote feature cache does not verify; rebuilding", extra={"event": "features_cache_invalid", "where": "remote",
+                                                                               "reason": str(exc)[:200]})
+        return False
+
+
+def _read(local: Path):
+    import datasets
+
+    try:
+        return (datasets.Dataset.from_parquet(str(local / NAMES[0])), datasets.Dataset.from_parquet(str(local / NAMES[1])))
+    except Exception as exc:  # a file that verified but does not parse: rebuild rather than fail every rerun
+        log.warning("feature cache unreadable; rebuilding", extra={"event": "features_cache_invalid", "where": "local",
+                                                                   "reason": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        return None

@@ -1,0 +1,69 @@
+"""What makes a trained model what it is: the data, the base model, the training settings, the job's code.
+
+One fingerprint serves two purposes. Results staged by an earlier attempt, and a run folder
+started earlier under the same run id, are only reused when their fingerprint equals this
+attempt's, so a rerun with another learning rate or other data can never publish the old model.
+And a nightly run whose fingerprint equals the current model's has nothing new to learn.
+
+Settings that cannot change the trained weights or their scores are left out (where things are
+written, how often checkpoints are taken, retries, log cadence); every other setting is in, so a
+new setting counts by default: a false "changed" costs a run, a false "unchanged" would cost a
+model.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+# Settings with no effect on the weights or the scores.
+NEUTRAL_SETTINGS = frozenset({
+    "run_id", "output_uri", "work_dir", "s3_endpoint_url", "s3_region",
+    "dataloader_workers", "preprocess_workers", "logging_steps", "log_format", "report_to",
+    "checkpoint_steps", "checkpoint_minutes", "checkpoints_to_keep", "stop_grace_seconds", "lease_seconds",
+    "storage_attempts", "storage_backoff_seconds", "storage_timeout_seconds",
+    # promotion policy: decides what happens to a model, not what the model is
+    "channel", "gate_metric", "gate_min", "gate_max_drop", "skip_unchanged", "keep_runs",
+})
+
+
+@lru_cache(maxsize=1)
+def job_version() -> str:
+    """The package version plus a digest of the package's source: the code that trains is part of the model."""
+    try:
+        version = metadata.version("qa-finetune")
+    except metadata.PackageNotFoundError:
+        version = "0"
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return f"{version}+{h.hexdigest()[:12]}"
+
+
+def training_inputs(settings, train_sha256: str, eval_sha256: str) -> dict:
+    """Everything that determines the trained model and its scores, as a plain dict (for messages)."""
+    dumped = settings.model_dump()
+    return {
+        "settings": {k: v for k, v in sorted(dumped.items()) if k not in NEUTRAL_SETTINGS},
+        "train_sha256": train_sha256,
+        "eval_sha256": eval_sha256,
+        "job_version": job_version(),
+    }
+
+
+def digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """Names of what differs between two ``training_inputs`` dicts, for a one-line message."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        elif a != b:
+            out.append(key)
+    return out
