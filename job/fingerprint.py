@@ -5,6 +5,11 @@ started earlier under the same run id, are only reused when their fingerprint eq
 attempt's, so a rerun with another learning rate or other data can never publish the old model.
 And a nightly run whose fingerprint equals the current model's has nothing new to learn.
 
+The weights a run starts from are part of its inputs (``init``: the base model, or the channel
+holder it was warm-started from). The nightly "unchanged" test compares the ``recipe``, which is
+everything but ``init``: with warm starts every night starts from another holder, yet a night
+whose data, settings and code equal the holder's has nothing new to learn either.
+
 Settings that cannot change the trained weights or their scores are left out (where things are
 written, how often checkpoints are taken, retries, log cadence); every other setting is in, so a
 new setting counts by default: a false "changed" costs a run, a false "unchanged" would cost a
@@ -26,7 +31,14 @@ NEUTRAL_SETTINGS = frozenset({
     "storage_attempts", "storage_backoff_seconds", "storage_timeout_seconds",
     # promotion policy: decides what happens to a model, not what the model is
     "channel", "gate_metric", "gate_min", "gate_max_drop", "skip_unchanged", "keep_runs",
+    # what the weights start from is recorded as resolved (``init``), not as these policies
+    "init_from", "warm_start_limit",
 })
+# What the eval scores depend on besides the model: the same eval fingerprint means two runs'
+# published predictions were made on the same examples with the same windows and decoding.
+EVAL_SETTINGS = ("max_length", "doc_stride", "n_best_size", "max_answer_length", "null_score_diff_threshold",
+                 "squad_v2", "max_eval_samples")
+BASE_INIT = {"from": "base", "warm_starts": 0}
 
 
 @lru_cache(maxsize=1)
@@ -42,15 +54,31 @@ def job_version() -> str:
     return f"{version}+{h.hexdigest()[:12]}"
 
 
-def training_inputs(settings, train_sha256: str, eval_sha256: str) -> dict:
-    """Everything that determines the trained model and its scores, as a plain dict (for messages)."""
+def training_inputs(settings, train_sha256: str, eval_sha256: str, init: dict | None = None) -> dict:
+    """Everything that determines the trained model and its scores, as a plain dict (for messages).
+
+    ``init`` says what the weights start from (default: the base model, ``QA_MODEL_NAME``).
+    """
     dumped = settings.model_dump()
     return {
         "settings": {k: v for k, v in sorted(dumped.items()) if k not in NEUTRAL_SETTINGS},
         "train_sha256": train_sha256,
         "eval_sha256": eval_sha256,
         "job_version": job_version(),
+        "init": dict(init or BASE_INIT),
     }
+
+
+def recipe(inputs: dict) -> str:
+    """The fingerprint without ``init``: same data, settings and code (skip-if-unchanged)."""
+    return digest({k: v for k, v in inputs.items() if k != "init"})
+
+
+def eval_fingerprint(inputs: dict) -> str:
+    """What a run's eval scores were computed on: eval data, windows, decoding and the job's code."""
+    settings = inputs.get("settings", {})
+    return digest({"eval_sha256": inputs.get("eval_sha256"), "job_version": inputs.get("job_version"),
+                   "settings": {k: settings.get(k) for k in EVAL_SETTINGS}})
 
 
 def digest(inputs: dict) -> str:

@@ -96,6 +96,18 @@ class Settings(BaseSettings):
     storage_backoff_seconds: float = Field(1.0, ge=0)
     storage_timeout_seconds: float = Field(20.0, gt=0)
 
+    # nightly retraining (README "Nightly retraining and channels"): where a published model is
+    # promoted, the quality gate in front of it, skipping nights with nothing new, warm starts and
+    # how many old runs keep their bulky files. Unset QA_CHANNEL: no promotion, as before.
+    channel: str | None = Field(None, description="channel pointer to promote to: <output>/channels/<channel>.json")
+    gate_metric: Literal["f1", "exact_match"] = "f1"
+    gate_min: float = Field(0.0, ge=0, le=100, description="absolute floor for the candidate's metric, in points")
+    gate_max_drop: float = Field(1.0, ge=0, le=100, description="tolerated drop against the holder, in points")
+    skip_unchanged: bool = True
+    init_from: Literal["base", "channel"] = "base"
+    warm_start_limit: int = Field(5, ge=0, le=1000, description="warm starts in a row before a fresh start from the base")
+    keep_runs: PositiveInt = 7
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
         # load_settings hands the environment in as keyword arguments, after checking for
@@ -132,6 +144,13 @@ class Settings(BaseSettings):
             raise ValueError("must not contain control characters")
         return v
 
+    @field_validator("channel")
+    @classmethod
+    def _channel_is_a_name(cls, v: str | None) -> str | None:
+        from job.channel import check_channel_name
+
+        return check_channel_name(v) if v is not None else v
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _endpoint_is_a_url(cls, v: str | None) -> str | None:
@@ -160,6 +179,11 @@ class Settings(BaseSettings):
     def public_dict(self) -> dict:
         """The resolved settings with anything secret-looking redacted, for manifests and logs."""
         return redact(self.model_dump())
+
+
+def is_run_id(value) -> bool:
+    """Whether ``value`` is a run id the job could have written (a safe single key segment)."""
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
 def env_name(field: str) -> str:
@@ -226,6 +250,8 @@ def _cross_checks(s: Settings) -> list[str]:
             problems.append("QA_DOC_STRIDE: leaves fewer than 16 new tokens per window; lower it")
     if not s.train_uri and not s.dataset:
         problems.append("QA_TRAIN_URI: set it or QA_DATASET")
+    if s.init_from == "channel" and not s.channel:
+        problems.append("QA_INIT_FROM: 'channel' needs QA_CHANNEL (the channel whose holder to start from)")
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
     return problems

@@ -62,3 +62,27 @@ def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> 
         for name, (e, f, n) in buckets.items():
             scores.update({f"{name}_exact": 100.0 * e / n if n else 0.0, f"{name}_f1": 100.0 * f / n if n else 0.0, f"{name}_total": n})
     return scores
+
+
+def per_example_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict[str, dict[str, float]]:
+    """``{id: {"exact_match", "f1"}}`` (0-100) for each question ``squad_scores`` counts, by the same rules.
+
+    The mean of each column equals the ``squad_scores`` value (v2.0 leaves out questions without a
+    prediction; v1.1 counts them as 0). The quality gate pairs these per question.
+    """
+    out = {}
+    for row in rows:
+        rid = row["id"]
+        if version_2:
+            golds = [t for t in row["answers"]["text"] if normalize_answer(t)] or [""]
+            if rid not in predictions:
+                continue
+        else:
+            golds = row["answers"]["text"]
+        pred = predictions.get(rid)
+        if pred is None:
+            out[rid] = {"exact_match": 0.0, "f1": 0.0}
+        else:
+            out[rid] = {"exact_match": 100.0 * max(exact(pred, g) for g in golds),
+                        "f1": 100.0 * max(f1(pred, g, empty_matches_empty=version_2) for g in golds)}
+    return out

@@ -39,3 +39,20 @@ def test_v2_empty_gold_and_skips_missing():
 
 def test_v1_empty_prediction_on_empty_normalised_gold_scores_zero_f1():
     assert squad_scores(rows(("q", ["the"])), {"q": ""})["f1"] == 0.0
+
+
+@pytest.mark.parametrize("version_2", [False, True])
+def test_per_example_scores_average_to_the_official_scores(version_2):
+    from job.squad_metrics import per_example_scores
+
+    data = rows(("q1", ["February 7", "February 7, 2016"]), ("q2", ["Santa Clara"]), ("q3", []), ("q4", ["Denver Broncos"]))
+    if not version_2:
+        data = [r for r in data if r["answers"]["text"]]
+    predictions = {"q1": "February 7, 2016", "q3": "", "q4": "the Broncos of Denver"}
+    official = squad_scores(data, predictions, version_2=version_2)
+    each = per_example_scores(data, predictions, version_2=version_2)
+    assert len(each) == official["total"]
+    for metric in ("exact_match", "f1"):
+        assert sum(s[metric] for s in each.values()) / len(each) == pytest.approx(official[metric])
+    assert each["q1"] == {"exact_match": 100.0, "f1": 100.0}
+    assert ("q2" in each) is (not version_2)  # v1.1 counts a missing prediction as 0, v2.0 leaves it out
