@@ -1,0 +1,335 @@
+"""Channels: a named pointer to the model to serve, moved only by compare-and-swap, with full history.
+
+Layout under ``QA_OUTPUT_URI`` (object storage only, no other service):
+
+- ``channels/<name>.json``: the pointer, one small JSON object naming a complete run (``run_id``,
+  ``model_uri``, ``metrics``, fingerprints, ``seq``, ``previous``, ``rollback_to``, ``held``, ...).
+  It is only ever replaced by a conditional write against the ETag it was read with
+  (``IfMatch``; ``IfNoneMatch`` for the first one), so of two writers exactly one wins and a
+  kill leaves either the old or the new object, never half of one.
+- ``channels/<name>/history/<seq>.json``: every pointer version, byte for byte, created once
+  (``IfNoneMatch``) after the pointer moved. A kill between the two writes is repaired by the
+  next mover, which writes the history entry of the version it is about to replace before it
+  replaces it: every version that was ever the pointer ends up in the history.
+- ``channels/<name>/runs/<run_id>.json``: one record per run gated for the channel (its recipe and
+  decision), for skip-if-unchanged and retention.
+
+Nothing read here is trusted: a pointer or history entry of the wrong shape is a ``CorruptPointer``
+(exit 3) and nothing moves. ``python -m job.channel`` is the operator's command line (channel_cli).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+from job.errors import ConfigError, DataError, StorageUnavailable
+from job.fingerprint import eval_fingerprint, recipe
+from job.locations import UnsafeName, join
+from job.settings import is_run_id
+from job.storage import NotFound, PreconditionFailed, Storage
+
+log = logging.getLogger(__name__)
+PREFIX = "channels/"
+SCHEMA = 1
+MAX_TRIES = 5  # compare-and-swap attempts before giving up (exit 75: a rerun tries again)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+_TEXT_FIELDS = ("model_uri", "fingerprint", "recipe", "data_fingerprint", "eval_fingerprint", "promoted_at",
+                "changed_at", "action", "reason")
+
+
+class CorruptPointer(DataError):
+    """A pointer or history entry in storage is not what this job writes: nothing is moved (exit 3)."""
+
+
+class UnknownChannel(ConfigError):
+    pass
+
+
+class ConditionalWritesUnsupported(ConfigError):
+    pass
+
+
+class ChannelBusy(StorageUnavailable):
+    """The pointer kept changing under us for MAX_TRIES attempts; a rerun tries again (exit 75)."""
+
+
+def open_channel(settings) -> "Channel":
+    """The channel ``QA_CHANNEL`` in storage rooted at ``QA_OUTPUT_URI``, with the job's retry policy."""
+    from job.storage import RetryPolicy, open_storage
+
+    policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
+    return Channel(open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region), settings.channel)
+
+
+def check_channel_name(name) -> str:
+    """A channel name is one safe key segment; raises UnsafeName (a ValueError) otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise UnsafeName(f"invalid channel name {str(name)[:70]!r}: 1-63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit, no '/' or '..'")
+    return name
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@dataclass(frozen=True)
+class Version:
+    """One pointer version as read or written: the parsed object, its exact bytes and ETag."""
+
+    pointer: dict
+    raw: bytes
+    etag: str
+
+
+def encode(pointer: dict) -> bytes:
+    return json.dumps(pointer, indent=1, sort_keys=True).encode()
+
+
+class Channel:
+    def __init__(self, store: Storage, name: str):
+        try:
+            self.name = check_channel_name(name)
+        except UnsafeName as exc:
+            raise ConfigError(str(exc)) from None
+        self.store = store
+        self.key = f"{PREFIX}{name}.json"
+        self.where = f"{store.uri}/{self.key}"
+        self._probed = False
+
+    # ------------------------------------------------------------------ reading
+    def read(self) -> Version | None:
+        """The current pointer, or None when the channel has none yet; CorruptPointer if unusable."""
+        try:
+            raw, etag = self.store.get_bytes(self.key)
+        except NotFound:
+            return None
+        return Version(self.parse(raw, self.where), raw, etag)
+
+    def require(self) -> Version:
+        current = self.read()
+        if current is None:
+            raise UnknownChannel(f"channel {self.name!r} does not exist under {self.store.uri} (no {self.key}); "
+                                 "nothing was moved")
+        return current
+
+    def parse(self, raw: bytes, where: str) -> dict:
+        try:
+            pointer = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptPointer(f"{where} is not JSON; nothing was moved (restore it from the channel's history, "
+                                 "see README 'Nightly retraining and channels')") from None
+        problem = _problem(pointer, self.name)
+        if problem:
+            raise CorruptPointer(f"{where} is not a valid channel pointer ({problem}); nothing was moved "
+                                 "(restore it from the channel's history, see README 'Nightly retraining and channels')")
+        return pointer
+
+    def history(self) -> list[dict]:
+        """Every pointer version, oldest first."""
+        return [self.parse(self.store.get_bytes(self._history_key(seq))[0], f"{self.store.uri}/{self._history_key(seq)}")
+                for seq in self.history_seqs()]
+
+    def history_seqs(self) -> list[int]:
+        prefix = f"{PREFIX}{self.name}/history/"
+        seqs = []
+        for key in self.store.list(prefix):
+            stem = key[len(prefix):].removesuffix(".json")
+            if stem.isdigit() and key.endswith(".json") and "/" not in stem:
+                seqs.append(int(stem))
+        return sorted(seqs)
+
+    def history_entry(self, seq: int) -> dict | None:
+        try:
+            raw, _ = self.store.get_bytes(self._history_key(seq))
+        except NotFound:
+            return None
+        return self.parse(raw, f"{self.store.uri}/{self._history_key(seq)}")
+
+    def _history_key(self, seq: int) -> str:
+        return f"{PREFIX}{self.name}/history/{seq}.json"
+
+    # ------------------------------------------------------------------ moving
+    def ensure_history(self, version: Version) -> None:
+        """Write the history entry of ``version`` if it is missing (a mover killed before writing it)."""
+        try:
+            self.store.put_bytes(self._history_key(version.pointer["seq"]), version.raw, if_none_match=True)
+        except PreconditionFailed:
+            return
+        log.info("channel history entry written", extra={"event": "channel_history", "channel": self.name,
+                                                         "seq": version.pointer["seq"]})
+
+    def swap(self, pointer: dict, current: Version | None) -> Version:
+        """Replace ``current`` by ``pointer``; PreconditionFailed when someone else moved it first."""
+        self.check_conditional_writes()
+        raw = encode(pointer)
+        if current is None:
+            etag = self.store.put_bytes(self.key, raw, if_none_match=True)
+        else:
+            etag = self.store.put_bytes(self.key, raw, if_match=current.etag)
+        return Version(pointer, raw, etag)
+
+    def record_history(self, version: Version) -> None:
+        self.ensure_history(version)
+
+    def move(self, build, before_swap=None) -> Version:
+        """The compare-and-swap loop: read, ``build(current) -> new pointer``, swap, record history.
+
+        ``build`` runs again on every lost race, against the pointer as it is then.
+        """
+        for attempt in range(1, MAX_TRIES + 1):
+            current = self.read()
+            if current is not None:
+                self.ensure_history(current)
+            pointer = build(current.pointer if current else None)
+            if before_swap is not None:
+                before_swap()
+            try:
+                version = self.swap(pointer, current)
+            except PreconditionFailed:
+                log.warning("channel moved meanwhile; reading it again", extra={"event": "channel_conflict",
+                                                                                "channel": self.name, "attempt": attempt})
+                continue
+            self.record_history(version)
+            return version
+        raise ChannelBusy(f"channel {self.name!r} under {self.store.uri} changed {MAX_TRIES} times while we tried to "
+                          "move it; rerun to try again")
+
+    def check_conditional_writes(self) -> None:
+        """Once per process and channel: refuse a store that ignores IfNoneMatch / IfMatch.
+
+        A store that accepts conditional writes but does not honour them would let two writers
+        both "win"; the pointer would be last-writer-wins again, silently.
+        """
+        if self._probed:
+            return
+        key = f"{PREFIX}.probe-{uuid.uuid4().hex}"
+        self.store.put_bytes(key, b"probe", if_none_match=True)
+        try:
+            for condition in ({"if_none_match": True}, {"if_match": '"00000000000000000000000000000000"'}):
+                try:
+                    self.store.put_bytes(key, b"probe again", **condition)
+                except PreconditionFailed:
+                    continue
+                raise ConditionalWritesUnsupported(
+                    f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
+                    "channels need them (AWS S3, MinIO, SeaweedFS, R2 and local disks do): nothing was moved")
+        finally:
+            self.store.delete(key)
+        self._probed = True
+
+    # ------------------------------------------------------------------ runs gated for the channel
+    def record_run(self, run_id: str, record: dict) -> None:
+        self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def gated_runs(self) -> list[dict]:
+        """Records of every run gated for this channel (unusable ones skipped), oldest decision first."""
+        prefix = f"{PREFIX}{self.name}/runs/"
+        out = []
+        for key in self.store.list(prefix):
+            run_id = key[len(prefix):].removesuffix(".json")
+            if not is_run_id(run_id):
+                continue
+            try:
+                record = json.loads(self.store.get_bytes(key)[0])
+            except (NotFound, ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(record, dict) and record.get("run_id") == run_id and isinstance(record.get("decided_at"), str):
+                out.append(record)
+        return sorted(out, key=lambda r: (r["decided_at"], r["run_id"]))
+
+
+def published_run(root: Storage, run_id: str) -> dict:
+    """What a pointer says about a published run, read from its folder; ConfigError unless complete.
+
+    ``root`` is the storage of ``QA_OUTPUT_URI``. The run's own records are the source: its
+    ``COMPLETE`` marker, ``metrics.json``, ``run.json`` (fingerprints, what it started from) and
+    its model's ``config.json``.
+    """
+    if not is_run_id(run_id):
+        raise ConfigError(f"invalid run id {str(run_id)[:80]!r}")
+    where = f"{root.uri}/{run_id}"
+    try:
+        root.get_bytes(f"{run_id}/COMPLETE")
+    except NotFound:
+        raise ConfigError(f"run {run_id!r} is not complete ({where}/COMPLETE is missing); only complete runs can be "
+                          "promoted: nothing was moved") from None
+    try:
+        root.size(f"{run_id}/model/config.json")
+        metrics = json.loads(root.get_bytes(f"{run_id}/metrics.json")[0])
+        record = json.loads(root.get_bytes(f"{run_id}/run.json")[0])
+    except NotFound as exc:
+        raise ConfigError(f"run {run_id!r} lacks {exc} (deleted by retention?): nothing was moved") from None
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"run {run_id!r}: metrics.json or run.json is not JSON: nothing was moved") from None
+    inputs = record.get("inputs") if isinstance(record, dict) else None
+    if not isinstance(metrics, dict) or not isinstance(inputs, dict) or not isinstance(record.get("fingerprint"), str):
+        raise ConfigError(f"run {run_id!r}: metrics.json or run.json is not what this job writes: nothing was moved")
+    init = inputs.get("init") if isinstance(inputs.get("init"), dict) else {}
+    warm = init.get("warm_starts", 0)
+    return {
+        "run_id": run_id, "model_uri": join(root.uri, run_id, "model"),
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+        "fingerprint": record["fingerprint"],
+        "recipe": record.get("recipe") or recipe(inputs),
+        "eval_fingerprint": record.get("eval_fingerprint") or eval_fingerprint(inputs),
+        "data_fingerprint": str(inputs.get("train_sha256")),
+        "warm_starts": warm if _count(warm) else 0,
+    }
+
+
+def next_version(current: dict | None, name: str, run: dict, by: str, action: str, reason: str, **extra) -> dict:
+    """The pointer that puts ``run`` (``published_run``) on the channel after ``current``."""
+    stamp = now()
+    return {
+        "schema": SCHEMA, "channel": name, "seq": current["seq"] + 1 if current else 1, **run,
+        "previous": current["run_id"] if current else None,
+        "rollback_to": current["run_id"] if current else None,
+        "promoted_at": stamp, "promoted_by": by, "changed_at": stamp, "action": action, "reason": reason,
+        "held": current.get("held") if current else None, **extra,
+    }
+
+
+def _problem(p, name: str) -> str:
+    """What is wrong with a pointer object, or '' when it has the shape this job writes."""
+    if not isinstance(p, dict):
+        return "not a JSON object"
+    if p.get("schema") != SCHEMA:
+        return f"schema {str(p.get('schema'))[:20]!r}, expected {SCHEMA}"
+    if p.get("channel") != name:
+        return f"names channel {str(p.get('channel'))[:70]!r}"
+    if not _count(p.get("seq")) or p["seq"] < 1:
+        return "seq must be a positive integer"
+    if not is_run_id(p.get("run_id")):
+        return "run_id is not a run id"
+    for field in ("previous", "rollback_to"):
+        if p.get(field) is not None and not is_run_id(p[field]):
+            return f"{field} is not a run id"
+    if not _count(p.get("warm_starts")):
+        return "warm_starts must be a non-negative integer"
+    if not isinstance(p.get("metrics"), dict):
+        return "metrics must be an object"
+    for field in _TEXT_FIELDS:
+        if not isinstance(p.get(field), str):
+            return f"{field} must be a string"
+    if p.get("promoted_by") not in ("nightly", "manual"):
+        return "promoted_by must be 'nightly' or 'manual'"
+    if p.get("held") is not None and not isinstance(p["held"], dict):
+        return "held must be an object or null"
+    return ""
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from job.channel_cli import main
+
+    sys.exit(main())

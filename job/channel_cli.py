@@ -1,0 +1,155 @@
+"""``python -m job.channel {show,history,promote,rollback,hold,release} --output URI --channel NAME``.
+
+The operator's side of a channel, through the same compare-and-swap path as the nightly job:
+every move is a new pointer version and a history entry. ``show`` and ``history`` print JSON on
+stdout; moves print the new pointer. Storage endpoint and credentials come from the same variables
+as the job (``QA_S3_ENDPOINT_URL``, ``QA_S3_REGION``, boto3's chain). Errors are one line on
+stderr and an exit code from the README table; nothing moves on an error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from job.channel import Channel, CorruptPointer, encode, next_version, now, published_run
+from job.errors import EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobError, print_error
+
+PROGRAM = "qa-finetune channel"
+COMMANDS = ("show", "history", "promote", "rollback", "hold", "release")
+
+
+def main(argv=None, environ=None) -> int:
+    environ = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(prog="python -m job.channel", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=COMMANDS)
+    parser.add_argument("--output", required=True, help="QA_OUTPUT_URI of the runs: a folder or s3://bucket/prefix")
+    parser.add_argument("--channel", required=True)
+    parser.add_argument("--run", help="promote: the run to put on the channel; rollback: an earlier holder")
+    parser.add_argument("--reason", default="", help="why, recorded in the pointer and its history entry")
+    parser.add_argument("--repair", action="store_true", help="promote: replace a pointer that is not valid JSON")
+    parser.add_argument("--endpoint-url", default=environ.get("QA_S3_ENDPOINT_URL") or None)
+    parser.add_argument("--region", default=environ.get("QA_S3_REGION") or None)
+    args = parser.parse_args(argv)
+    from job.redaction import register_secrets
+
+    register_secrets(environ)
+    try:
+        result = run_command(args)
+    except JobError as exc:
+        print_error(str(exc), exc.exit_code, PROGRAM)
+        return exc.exit_code
+    except BaseException as exc:  # noqa: BLE001  one line, never a traceback
+        print_error(f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
+                    EXIT_UNEXPECTED, PROGRAM)
+        return EXIT_UNEXPECTED
+    print(json.dumps(result, indent=1))
+    return EXIT_OK
+
+
+def run_command(args):
+    from job.storage import RetryPolicy, open_storage
+
+    if args.output.startswith("s3://"):
+        from job.locations import UnsafeName, parse_s3
+
+        try:
+            parse_s3(args.output)
+        except UnsafeName as exc:
+            raise ConfigError(f"--output {args.output[:200]}: {exc}") from None
+    root = open_storage(args.output, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20),
+                        args.endpoint_url, args.region)
+    channel = Channel(root, args.channel)
+    reason = " ".join(args.reason.split())[:500]
+    if args.command == "show":
+        return channel.require().pointer
+    if args.command == "history":
+        entries = channel.history()
+        if not entries and channel.read() is None:
+            channel.require()  # unknown channel: the same error as for the other commands
+        return entries
+    if args.command == "promote":
+        if not args.run:
+            raise ConfigError("promote needs --run RUN_ID")
+        return promote(channel, root, args.run, reason, repair=args.repair)
+    if args.command == "rollback":
+        return rollback(channel, root, args.run, reason)
+    return hold(channel, args.command == "hold", reason)
+
+
+def promote(channel: Channel, root, run_id: str, reason: str, repair: bool = False) -> dict:
+    run = published_run(root, run_id)
+    if repair:
+        return _repair(channel, run, reason)
+
+    def build(current):
+        if current and current["run_id"] == run_id:
+            raise ConfigError(f"run {run_id!r} already holds channel {channel.name!r}: nothing was moved")
+        return next_version(current, channel.name, run, "manual", "promote", reason or "promoted by hand")
+
+    return channel.move(build).pointer
+
+
+def rollback(channel: Channel, root, run_id: str | None, reason: str) -> dict:
+    channel.require()
+
+    def build(current):
+        if current is None:
+            channel.require()
+        history = channel.history()
+        target = run_id or current.get("rollback_to")
+        if not target:
+            raise ConfigError(f"channel {channel.name!r} has no earlier holder to roll back to: nothing was moved")
+        if target == current["run_id"]:
+            raise ConfigError(f"run {target!r} already holds channel {channel.name!r}: nothing was moved")
+        # the version that last promoted the target says what a further rollback goes back to
+        promoted = [e for e in history if e["run_id"] == target and e["action"] == "promote"]
+        if not promoted:
+            raise ConfigError(f"run {target!r} never held channel {channel.name!r}; use promote: nothing was moved")
+        run = published_run(root, target)
+        return next_version(current, channel.name, run, "manual", "rollback", reason or f"rolled back from {current['run_id']}",
+                            rollback_to=promoted[-1]["rollback_to"])
+
+    return channel.move(build).pointer
+
+
+def hold(channel: Channel, held: bool, reason: str) -> dict:
+    channel.require()
+
+    def build(current):
+        if current is None:
+            channel.require()
+        if bool(current.get("held")) == held:
+            raise ConfigError(f"channel {channel.name!r} is already {'held' if held else 'not held'}: nothing was moved")
+        stamp = now()
+        return {**current, "seq": current["seq"] + 1, "changed_at": stamp, "action": "hold" if held else "release",
+                "reason": reason or ("held by hand" if held else "released by hand"),
+                "held": {"at": stamp, "reason": reason} if held else None}
+
+    return channel.move(build).pointer
+
+
+def _repair(channel: Channel, run: dict, reason: str) -> dict:
+    """Replace a pointer that does not parse: still a conditional write, against the broken object's ETag."""
+    from job.channel import Version
+    from job.storage import PreconditionFailed
+
+    try:
+        channel.read()
+    except CorruptPointer:
+        pass
+    else:
+        raise ConfigError(f"{channel.where} is not corrupted; --repair only replaces a corrupted pointer: nothing was moved")
+    history = channel.history()
+    last = history[-1] if history else None
+    pointer = next_version(last, channel.name, run, "manual", "promote", reason or "pointer repaired by hand")
+    pointer["seq"] = max(channel.history_seqs() or [0]) + 1
+    _, etag = channel.store.get_bytes(channel.key)
+    channel.check_conditional_writes()
+    try:
+        new_etag = channel.store.put_bytes(channel.key, encode(pointer), if_match=etag)
+    except PreconditionFailed:
+        raise ConfigError(f"{channel.where} changed while repairing it: nothing was moved; look again") from None
+    channel.record_history(Version(pointer, encode(pointer), new_etag))
+    return pointer
