@@ -3,10 +3,13 @@
 A row is ``{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}``,
 the layout of the Hugging Face ``squad`` datasets. Files may be nested SQuAD JSON (v1.1/v2.0),
 JSON Lines, Parquet or CSV, on local disk or in ``s3://``; without a file the hub dataset is used.
-Every problem is a ``DataError`` naming the file and the row id.
+A folder, or an ``s3://`` prefix ending in ``/``, is every supported file under it in key order,
+read as one split (data that grows night by night). Every problem is a ``DataError`` naming the
+file and the row id.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from job.errors import DataError, StorageUnavailable
+from job.locations import UnsafeName, confine, join
 from job.settings import Settings
 from job.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
@@ -26,32 +30,94 @@ FORMATS = {".json": "squad-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parqu
 class Split:
     name: str  # "train" or "eval"
     source: str  # URI or hub id, for messages and the manifest
-    sha256: str  # of the file, or of the hub dataset's fingerprint
+    sha256: str  # of the file, of every file under a prefix, or of the hub dataset's fingerprint
     rows: list[dict]
+    files: tuple = ()  # under a prefix: (key, sha256) of each file read, in order
 
 
 def load_splits(settings: Settings, policy: RetryPolicy) -> tuple[Split, Split]:
-    train = _load_split("train", settings.train_uri, settings.train_split, settings, policy)
-    evals = _load_split("eval", settings.eval_uri, settings.eval_split, settings, policy)
-    return train, evals
+    return load_split("train", settings, policy), load_split("eval", settings, policy)
 
 
-def _load_split(name: str, uri: str | None, hub_split: str, settings: Settings, policy: RetryPolicy) -> Split:
+def load_split(name: str, settings: Settings, policy: RetryPolicy) -> Split:
+    """The ``train`` or ``eval`` split as the settings name it: a file, a folder / prefix, or the hub."""
+    uri = settings.train_uri if name == "train" else settings.eval_uri
+    hub_split = settings.train_split if name == "train" else settings.eval_split
     limit = settings.max_train_samples if name == "train" else settings.max_eval_samples
-    if uri:
+    files: tuple = ()
+    if uri and is_prefix(uri):
+        rows, digest, files = _prefix_rows(uri, Path(settings.work_dir) / "data" / name, settings, policy)
+    elif uri:
         path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
-        raw, digest = read_rows(path, uri), sha256_file(path)
+        rows, digest = validate_rows(read_rows(path, uri), source=uri, squad_v2=settings.squad_v2), sha256_file(path)
     else:
-        raw, digest = _hub_rows(settings, hub_split), None
-    rows = validate_rows(raw, source=uri or f"{settings.dataset}[{hub_split}]", squad_v2=settings.squad_v2)
+        source = f"{settings.dataset}[{hub_split}]"
+        rows, digest = validate_rows(_hub_rows(settings, hub_split), source=source, squad_v2=settings.squad_v2), None
     if limit:
         rows = rows[:limit]
     if not rows:
         raise DataError(f"{uri or settings.dataset}: no {name} examples left after filtering (QA_MAX_{name.upper()}_SAMPLES, format)")
     if digest is None:
         digest = _fingerprint(rows)
-    log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(rows)})
-    return Split(name, uri or settings.dataset, digest, rows)
+    log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(rows),
+                                   **({"files": len(files)} if files else {})})
+    return Split(name, uri or settings.dataset, digest, rows, files)
+
+
+def is_prefix(uri: str) -> bool:
+    """An ``s3://`` URI ending in '/', or a local folder: read every supported file under it."""
+    if uri.startswith("s3://"):
+        return uri.endswith("/")
+    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return uri.endswith("/") or path.is_dir()
+
+
+def _prefix_rows(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> tuple[list[dict], str, tuple]:
+    """Every supported file under a folder or prefix, in key order, as one validated split.
+
+    Files of other kinds (``_SUCCESS`` markers, ``.crc`` files, hidden temporary files) are
+    skipped and logged. Ids must be unique across files: a duplicate names both files. The digest
+    covers each file's key and sha256, so a file added, removed, renamed or changed is new data.
+    """
+    if uri.startswith("s3://"):
+        store = open_storage(uri, policy, settings.s3_endpoint_url, settings.s3_region)
+        keys = store.list("")
+    else:
+        root = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        if not root.is_dir():
+            raise DataError(f"{uri}: data folder not found")
+        keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    use = [k for k in keys if FORMATS.get(Path(k).suffix.lower()) and not any(part.startswith(".") for part in k.split("/"))]
+    skipped = [k for k in keys if k not in set(use)]
+    if skipped:
+        log.info("files skipped under a data prefix", extra={"event": "data_files_skipped", "source": uri,
+                                                              "count": len(skipped), "files": skipped[:20]})
+    if not use:
+        raise DataError(f"{uri}: no data files under this prefix (supported: .json, .jsonl, .ndjson, .parquet, .csv"
+                        f"{'; skipped ' + ', '.join(skipped[:3]) if skipped else ''})")
+    rows, first_seen, digest, files = [], {}, hashlib.sha256(), []
+    for key in use:
+        source = join(uri, key)
+        if uri.startswith("s3://"):
+            try:
+                path = confine(dest_dir / "prefix", key)
+            except UnsafeName as exc:
+                raise DataError(f"{source}: unusable key ({exc})") from None
+            try:
+                store.get_file(key, path)
+            except NotFound:
+                raise DataError(f"{source}: data object vanished while reading the prefix") from None
+        else:
+            path = root / key
+        sha = sha256_file(path)
+        for row in validate_rows(read_rows(path, source), source=source, squad_v2=settings.squad_v2):
+            if row["id"] in first_seen:
+                raise DataError(f"{source}: row {str(row['id'])[:80]!r}: duplicate id, also in {first_seen[row['id']]}")
+            first_seen[row["id"]] = source
+            rows.append(row)
+        digest.update(f"{key}\0{sha}\n".encode())
+        files.append((key, sha))
+    return rows, digest.hexdigest(), tuple(files)
 
 
 def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> Path:
@@ -67,7 +133,7 @@ def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> 
     try:
         store.get_file(key, local)
     except NotFound:
-        raise DataError(f"{uri}: data object not found") from None
+        raise DataError(f"{uri}: data object not found (a prefix of several files must end with '/')") from None
     return local
 
 
