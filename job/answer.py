@@ -4,6 +4,8 @@ transformers 5 has no ``question-answering`` pipeline; this is the job's own, an
 exactly the functions evaluation uses (same windows, same n-best rules, same long-question cut).
 ``--model`` may name a model folder or a run folder (its ``model/`` is used), locally or in
 ``s3://``; only the model's own files are downloaded, each name confined to the download folder.
+With ``--channel NAME``, ``--model`` is the job's ``QA_OUTPUT_URI`` and the model is the one the
+channel's pointer names.
 """
 from __future__ import annotations
 
@@ -79,7 +81,9 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
 def main(argv=None, environ=None) -> int:
     environ = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(prog="python -m job.answer", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model or run folder, or s3://bucket/prefix/<run>[/model]")
+    parser.add_argument("--model", required=True, help="model or run folder, or s3://bucket/prefix/<run>[/model]; "
+                                                       "with --channel: the QA_OUTPUT_URI holding the channel")
+    parser.add_argument("--channel", help="answer with the model this channel's pointer names")
     parser.add_argument("--question", required=True)
     parser.add_argument("--context", required=True, help="the text, or @path to read it from a file")
     parser.add_argument("--endpoint-url", default=environ.get("QA_S3_ENDPOINT_URL") or None)
@@ -119,10 +123,24 @@ def _answer(args) -> dict:
         raise ConfigError("--question and --context must not be empty")
     if not 32 <= args.max_length <= 8192 or not 0 < args.doc_stride < args.max_length - 16:
         raise ConfigError("--doc-stride must be positive and leave 16 tokens of --max-length (32-8192)")
+    model_uri, run_id = (channel_model(args.model, args.channel, args.endpoint_url, args.region) if args.channel
+                         else (args.model, None))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = fetch_model(args.model, Path(tmp), args.endpoint_url, args.region)
-        return QuestionAnswerer(model_dir, max_length=args.max_length, doc_stride=args.doc_stride,
-                                version_2=args.squad_v2)(args.question, context)
+        model_dir = fetch_model(model_uri, Path(tmp), args.endpoint_url, args.region)
+        answer = QuestionAnswerer(model_dir, max_length=args.max_length, doc_stride=args.doc_stride,
+                                  version_2=args.squad_v2)(args.question, context)
+    return {**answer, "run_id": run_id} if run_id else answer
+
+
+def channel_model(output_uri: str, name: str, endpoint_url: str | None, region: str | None) -> tuple[str, str]:
+    """``(model URI, run id)`` of the run a channel's pointer names; the URI is built, never read."""
+    from job.channel import Channel
+    from job.locations import join
+    from job.storage import RetryPolicy, open_storage
+
+    root = open_storage(output_uri, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20), endpoint_url, region)
+    run_id = Channel(root, name).require().pointer["run_id"]
+    return join(output_uri, run_id, "model"), run_id
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The job, stage by stage: settings -> data -> features -> train -> evaluate -> publish."""
+"""The job, stage by stage: settings -> data -> features -> train -> evaluate -> publish (-> promote)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import checkpoints, publish
+from job import checkpoints, nightly, promotion, publish
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
@@ -74,23 +74,40 @@ class RunContext:
 def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
     work = prepare_work_dir(settings)
     store = open_run_storage(settings)
-    if publish.is_complete(store):
+    complete = publish.is_complete(store)
+    if complete and not settings.channel:
         log.info("run already complete, nothing to do", extra={"event": "already_complete", "run_id": settings.run_id})
         return
     lease = Lease(store, settings.run_id, settings.lease_seconds, stop, lock_dir=work) if ranks.is_writer else None
     with lease or contextlib.nullcontext():
         ctx = RunContext(settings, ranks, lease.guard(store) if lease else store, stop, lease)
-        train_split, eval_split = load_splits(settings, _policy(settings))
-        inputs = training_inputs(settings, train_split.sha256, eval_split.sha256)
-        if ranks.is_writer:
-            publish.claim_run_folder(ctx.store, settings, inputs)
-        if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, stop):
-            return  # an earlier attempt of this very run trained and evaluated; only the upload failed
-        ctx.check_stop()
-        tokenizer, model = load_model(settings.model_name, settings.seed)
-        features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
-        ctx.check_stop()
-        fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
+        if complete:
+            log.info("run already complete; only its promotion may be left", extra={"event": "already_complete",
+                                                                                     "run_id": settings.run_id})
+        elif not train_evaluate_publish(ctx):
+            return  # QA_CHANNEL night with nothing new to learn
+        if ranks.is_writer and settings.channel:
+            promotion.promote(ctx)  # gate against the channel's holder, move the pointer, prune old runs
+
+
+def train_evaluate_publish(ctx: RunContext) -> bool:
+    """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn."""
+    settings, ranks = ctx.settings, ctx.ranks
+    train_split, eval_split = load_splits(settings, _policy(settings))
+    night = nightly.plan(ctx, train_split, eval_split)  # with a channel: skip-if-unchanged, warm start
+    if night.unchanged:
+        return False
+    inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init)
+    if ranks.is_writer:
+        publish.claim_run_folder(ctx.store, settings, inputs)
+    if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
+        return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
+    ctx.check_stop()
+    tokenizer, model = load_model(nightly.init_model(settings, night), settings.seed)
+    features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
+    ctx.check_stop()
+    fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
+    return True
 
 
 def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
@@ -126,7 +143,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=stop)
     if ranks.is_writer:
         context = {
-            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows)} for s in (train_split, eval_split)},
+            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
+                              **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
+                     for s in (train_split, eval_split)},
             "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
             "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,
             "resumed_from_step": _step(resume),

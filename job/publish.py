@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.fingerprint import differences, digest
+from job.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.redaction import redact
 from job.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
@@ -54,7 +54,9 @@ def claim_run_folder(store: Storage, settings, inputs: dict) -> None:
     Checkpoints under ``<output>/<run_id>/`` are resumed by step count: resuming them with other
     data or another learning rate would silently train a model nobody asked for.
     """
-    record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "inputs": redact(inputs),
+    # recipe and eval fingerprint: what a channel compares (skip-if-unchanged, re-scoring the holder)
+    record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "recipe": recipe(inputs),
+              "eval_fingerprint": eval_fingerprint(inputs), "inputs": redact(inputs),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)

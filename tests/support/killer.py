@@ -5,8 +5,13 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   term:train_step@5              SIGTERM ourselves after the 5th training step (a real signal)
   slow:train_step=0.2            sleep after every training step (the maths is unchanged)
   pause:stage=3                  sleep before staging the results
+  meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
+                                 (each touches a file in $KILLER_MEET_DIR): forces a real race
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage. The job itself is unmodified: only these functions are wrapped.
+evaluate, stage; and the promotion steps: promote (entered after COMPLETE), pointer_read (after a
+channel pointer is read), decided (after promotion.json is written, before the pointer moves),
+pointer_write (after the pointer moved, before its history entry). The job itself is
+unmodified: only these functions are wrapped.
 """
 from __future__ import annotations
 
@@ -21,21 +26,25 @@ def parse(spec: str):
     actions = []
     for part in filter(None, spec.split(",")):
         verb, rest = part.split(":", 1)
-        value = 1.0
-        if "@" in rest:
-            rest, value = rest.rsplit("@", 1)
-        elif "=" in rest:
+        value, at = 1.0, None
+        if "=" in rest:
             rest, value = rest.rsplit("=", 1)
+        if "@" in rest:
+            rest, at = rest.rsplit("@", 1)
+        if verb in ("kill", "term") and at is not None:
+            value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
-        actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "count": 0})
+        actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "at": int(at or 1), "count": 0})
     return actions
 
 
 def install(actions) -> None:
     from transformers import Trainer
 
+    import job.channel
     import job.lease
     import job.pipeline
+    import job.promotion
     import job.publish
     import job.storage
 
@@ -50,6 +59,8 @@ def install(actions) -> None:
                 count = a["count"]
             if a["verb"] in ("slow", "pause"):
                 time.sleep(a["value"])
+            elif a["verb"] == "meet" and count == a["at"]:
+                meet(int(a["value"]))
             elif count == int(a["value"]):
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
@@ -77,6 +88,22 @@ def install(actions) -> None:
     wrap(job.pipeline, "train", "train_end", before=False)
     wrap(job.pipeline, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
+    wrap(job.promotion, "promote", "promote")
+    wrap(job.channel.Channel, "read", "pointer_read", before=False)
+    wrap(job.promotion, "write_decision", "decided", before=False)
+    wrap(job.channel.Channel, "swap", "pointer_write", before=False)
+
+
+def meet(parties: int, timeout: float = 60.0) -> None:
+    """Wait until ``parties`` processes reached this point (files in $KILLER_MEET_DIR), or the timeout."""
+    from pathlib import Path
+
+    folder = Path(os.environ["KILLER_MEET_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(folder.iterdir())) < parties and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,48 @@
+"""The channel holder's model: fetched for a warm start, and re-scored when the gate needs it.
+
+Re-scoring runs the job's own evaluation (``job.evaluate.evaluate``: the same windows, sequential
+prediction order and n-best decoding as the candidate's), so candidate and holder differ only in
+their weights.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from job.errors import ConfigError
+from job.locations import join
+from job.settings import is_run_id
+
+log = logging.getLogger(__name__)
+
+
+def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
+    """A local copy of ``<QA_OUTPUT_URI>/<run_id>/model`` (only the model's own files, names confined)."""
+    from job.answer import fetch_model
+
+    if not is_run_id(run_id):
+        raise ConfigError(f"invalid run id {str(run_id)[:80]!r} recorded for the channel")
+    dest.mkdir(parents=True, exist_ok=True)
+    return fetch_model(join(settings.output_uri, run_id, "model"), dest, settings.s3_endpoint_url, settings.s3_region)
+
+
+def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str, str]:
+    """``{id: answer}`` of run ``run_id``'s published model on ``rows``, decoded as evaluation decodes."""
+    import datasets
+    import torch
+
+    from job.evaluate import evaluate
+    from job.features import eval_features
+    from job.train import build_trainer, load_model, resolve_precision, training_arguments
+
+    work = Path(settings.work_dir) / settings.run_id / "holder" / run_id
+    model_dir = fetch_run_model(settings, run_id, work / "model")
+    tokenizer, model = load_model(str(model_dir), settings.seed)
+    features = datasets.Dataset.from_dict(eval_features(tokenizer, rows, settings.max_length, settings.doc_stride))
+    cuda = torch.cuda.is_available()
+    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, work / "trainer", precision), [])
+    scores, out = evaluate(trainer, features, rows, settings, stop=stop)
+    log.info("holder re-scored on this run's eval set", extra={"event": "holder_rescored", "holder": run_id,
+                                                                "examples": len(out), "f1": round(scores["f1"], 3)})
+    return out
