@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-from job.channel import Channel, CorruptPointer, encode, next_version, now, published_run
+from job.channel import Channel, CorruptPointer, Version
 from job.errors import EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobError, print_error
+from job.pointer import encode, next_version, now, published_run
 
 PROGRAM = "qa-finetune channel"
 COMMANDS = ("show", "history", "promote", "rollback", "hold", "release")
@@ -132,7 +132,6 @@ def hold(channel: Channel, held: bool, reason: str) -> dict:
 
 def _repair(channel: Channel, run: dict, reason: str) -> dict:
     """Replace a pointer that does not parse: still a conditional write, against the broken object's ETag."""
-    from job.channel import Version
     from job.storage import PreconditionFailed
 
     try:

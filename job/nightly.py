@@ -20,8 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.channel import Channel, now, open_channel
+from job.channel import Channel, open_channel
 from job.fingerprint import BASE_INIT, recipe, training_inputs
+from job.pointer import now
 from job.publish import RUN_RECORD
 from job.storage import NotFound
 

@@ -23,10 +23,11 @@ import json
 import logging
 
 from job import gate
-from job.channel import MAX_TRIES, ChannelBusy, next_version, now, open_channel, published_run
+from job.channel import MAX_TRIES, ChannelBusy, open_channel
 from job.data import load_split
 from job.errors import DataError
 from job.nightly import DECISION
+from job.pointer import next_version, now, published_run
 from job.squad_metrics import per_example_scores
 from job.storage import NotFound, PreconditionFailed, RetryPolicy
 
@@ -50,7 +51,7 @@ def promote(ctx) -> None:
             channel.ensure_history(current)
         holder = current.pointer if current else None
         if holder is not None and holder["run_id"] == settings.run_id:
-            _event(settings, "already_promoted", "this run already holds the channel", {}, holder)
+            _event(settings, "promote", "this run already holds the channel", {}, holder, recorded_earlier=True)
             break
         if holder is not None and holder["run_id"] not in holders:
             holders[holder["run_id"]] = _holder_scores(ctx, channel, holder, candidate, rows)
@@ -78,7 +79,7 @@ def promote(ctx) -> None:
                 "event": "promotion_conflict", "channel": channel.name, "attempt": attempt})
             continue
         channel.record_history(version)
-        _event(settings, "promoted", record["message"], verdict, holder, seq=pointer["seq"])
+        _event(settings, decision, record["message"], verdict, holder, pointer_moved=True, seq=pointer["seq"])
         break
     else:
         raise ChannelBusy(f"channel {channel.name!r} changed {MAX_TRIES} times while run {settings.run_id} was gated; "
@@ -99,14 +100,14 @@ def _settled(ctx, channel, earlier: dict | None) -> bool:
         return False
     settings = ctx.settings
     if earlier["decision"] in ("reject", "hold"):
-        _event(settings, earlier["decision"], f"recorded earlier: {earlier.get('message', '')}", {}, None, recorded=True)
+        _event(settings, earlier["decision"], f"recorded earlier: {earlier.get('message', '')}", {}, None, recorded_earlier=True)
         return True
     current = channel.read()
     if current is not None and current.pointer["run_id"] == settings.run_id:
         channel.ensure_history(current)  # the pointer moved but its history entry may not have been written
     elif not (isinstance(earlier.get("seq"), int) and (channel.history_entry(earlier["seq"]) or {}).get("run_id") == settings.run_id):
         return False  # decided, but the pointer never moved: decide again
-    _event(settings, "already_promoted", "this run's promotion was carried out earlier", {}, None, recorded=True)
+    _event(settings, "promote", "this run's promotion was carried out earlier", {}, None, recorded_earlier=True)
     return True
 
 
@@ -157,10 +158,13 @@ def _read_json(store, key: str):
         return None
 
 
-def _event(settings, decision: str, message: str, verdict: dict, holder: dict | None, **extra) -> None:
+def _event(settings, decision: str, message: str, verdict: dict, holder: dict | None, pointer_moved: bool = False,
+           **extra) -> None:
+    """One ``promotion`` event per night: the decision (as in promotion.json), whether the pointer moved, the numbers."""
     numbers = {k: verdict.get(k) for k in ("metric", "candidate", "holder", "mean_difference", "interval", "reason") if k in verdict}
     log.info(message, extra={"event": "promotion", "channel": settings.channel, "run_id": settings.run_id,
-                             "decision": decision, "holder_run_id": holder["run_id"] if holder else None, **numbers, **extra})
+                             "decision": decision, "pointer_moved": pointer_moved,
+                             "holder_run_id": holder["run_id"] if holder else None, **numbers, **extra})
 
 
 def _prune(ctx, channel) -> None:

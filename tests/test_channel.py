@@ -8,9 +8,10 @@ import threading
 
 import pytest
 
-from job.channel import Channel, ChannelBusy, ConditionalWritesUnsupported, next_version, published_run
+from job.channel import Channel, ChannelBusy, ConditionalWritesUnsupported
 from job.channel_cli import main, promote
 from job.errors import EXIT_CONFIG, EXIT_DATA
+from job.pointer import next_version, published_run
 from job.storage import LocalStorage, PreconditionFailed, RetryPolicy, open_storage
 
 

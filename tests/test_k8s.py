@@ -89,7 +89,16 @@ def test_qa_names_in_k8s_sources_are_settings():
 def test_nightly_runs_the_base_job_unchanged(rendered):
     (job,) = [d for d in rendered["base"] if d["kind"] == "Job"]
     (cron,) = [d for d in rendered["overlays/nightly"] if d["kind"] == "CronJob"]
-    assert cron["spec"]["jobTemplate"]["spec"] == job["spec"]
+    nightly = copy.deepcopy(cron["spec"]["jobTemplate"]["spec"])
+    # the one intended difference: the settings ConfigMap, the base one plus the channel and its gate
+    (ref,) = main_container(nightly["template"])["envFrom"]
+    (cm,) = [d for d in rendered["overlays/nightly"] if d["kind"] == "ConfigMap"]
+    assert ref["configMapRef"]["name"] == cm["metadata"]["name"]
+    main_container(nightly["template"])["envFrom"] = main_container(job["spec"]["template"])["envFrom"]
+    assert nightly == job["spec"]
+    base = _configmap(rendered["base"])
+    assert {k: v for k, v in cm["data"].items() if k in base} == base
+    assert cm["data"]["QA_CHANNEL"] and {k for k in cm["data"] if k not in base} >= {"QA_CHANNEL", "QA_GATE_MAX_DROP"}
 
 
 def test_multi_node_workers_run_the_multi_gpu_pod(rendered):

@@ -14,7 +14,6 @@ enough that a sabotaged model is clearly worse, which is what the gate must see.
 """
 import datetime as dt
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -158,7 +157,8 @@ def seconds(result):
 
 def test_first_night_without_holder_is_promoted(chain):
     result, place = succeeded(chain.results["n1"]), chain.place
-    assert promotion(result)["decision"] == "promoted" and promotion(result)["reason"] == "first_model"
+    assert promotion(result)["decision"] == "promote" and promotion(result)["pointer_moved"]
+    assert promotion(result)["reason"] == "first_model"
     pointer = json.loads(chain.pointers["n1"])
     assert (pointer["seq"], pointer["run_id"], pointer["previous"], pointer["promoted_by"]) == (1, "n1", None, "nightly")
     assert pointer["model_uri"].endswith("/n1/model") and pointer["metrics"]["f1"] == place.json("n1/metrics.json")["f1"]
@@ -189,7 +189,8 @@ def test_new_file_is_trained_gated_against_the_rescored_holder_and_promoted(chai
     (rescored,) = result.event("holder_rescored")  # the eval set grew: n1 was scored again on it
     assert rescored["holder"] == "n1" and rescored["examples"] == 32
     event = promotion(result)
-    assert event["decision"] == "promoted" and event["reason"] == "not_worse" and event["holder_run_id"] == "n1"
+    assert event["decision"] == "promote" and event["pointer_moved"] and event["reason"] == "not_worse"
+    assert event["holder_run_id"] == "n1"
     assert event["interval"][0] >= -10 and event["holder"] == pytest.approx(rescored["f1"], abs=1e-3)
     pointer = json.loads(chain.pointers["n3"])
     assert (pointer["seq"], pointer["run_id"], pointer["previous"], pointer["warm_starts"]) == (2, "n3", "n1", 1)
@@ -201,7 +202,8 @@ def test_sabotaged_candidate_is_rejected_and_the_pointer_stays(chain):
     needs(chain, "n4")
     result, place = succeeded(chain.results["n4"]), chain.place  # a rejection is not a failure
     event = promotion(result)
-    assert event["decision"] == "reject" and event["reason"] == "regression" and event["holder_run_id"] == "n3"
+    assert event["decision"] == "reject" and not event["pointer_moved"] and event["reason"] == "regression"
+    assert event["holder_run_id"] == "n3"
     assert event["interval"][1] < -10
     assert chain.pointers["n4"] == chain.pointers["n3"]
     decided = place.json("n4/promotion.json")
@@ -255,7 +257,8 @@ def test_sigkill_at_each_promotion_step_leaves_a_valid_pointer_and_a_rerun_conve
     moved = json.loads(chain.pointers["z3"])  # killed after the pointer write, before its history entry
     assert moved["run_id"] == "z" and moved["previous"] == holder
     last = succeeded(chain.results["z4"])
-    assert promotion(last)["decision"] == "already_promoted" and chain.pointers["z4"] == chain.pointers["z3"]
+    assert promotion(last)["recorded_earlier"] and not promotion(last)["pointer_moved"]
+    assert chain.pointers["z4"] == chain.pointers["z3"]
     history = place.history()
     assert history[-1] == moved and [e["seq"] for e in history] == list(range(1, moved["seq"] + 1))
 

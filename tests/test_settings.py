@@ -58,3 +58,24 @@ def test_kubernetes_service_links_are_not_settings():
     s = load_settings({"QA_FINETUNE_WORKER_0_SERVICE_HOST": "10.0.0.1", "QA_FINETUNE_WORKER_0_PORT_23456_TCP_ADDR": "10.0.0.1",
                        "QA_FINETUNE_WORKER_0_SERVICE_PORT": "23456", "QA_FINETUNE_WORKER_0_PORT": "tcp://10.0.0.1:23456"})
     assert s.model_name == "distilbert-base-uncased"
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"QA_CHANNEL": "prod/eu"}, "QA_CHANNEL: invalid channel name 'prod/eu'"),
+    ({"QA_CHANNEL": ".."}, "QA_CHANNEL: invalid channel name '..'"),
+    ({"QA_CHANNEL": "a..b"}, "QA_CHANNEL: invalid channel name"),
+    ({"QA_INIT_FROM": "channel"}, "QA_INIT_FROM: 'channel' needs QA_CHANNEL"),
+    ({"QA_GATE_METRIC": "accuracy"}, "QA_GATE_METRIC"),
+    ({"QA_GATE_MAX_DROP": "-1"}, "QA_GATE_MAX_DROP"),
+    ({"QA_GATE_MIN": "101"}, "QA_GATE_MIN"),
+    ({"QA_KEEP_RUNS": "0"}, "QA_KEEP_RUNS"),
+])
+def test_channel_settings_are_checked(env, needle):
+    assert needle in problems(env)
+
+
+def test_channel_settings_defaults_and_values():
+    s = load_settings({"QA_CHANNEL": "production", "QA_INIT_FROM": "channel", "QA_GATE_MAX_DROP": "0.5"})
+    assert (s.channel, s.init_from, s.gate_max_drop, s.gate_metric, s.skip_unchanged, s.keep_runs) == (
+        "production", "channel", 0.5, "f1", True, 7)
+    assert load_settings({"QA_CHANNEL": ""}).channel is None  # unset: no promotion
