@@ -332,3 +332,17 @@ def test_prefix_with_only_unsupported_files_is_a_data_error(tmp_path, tiny_model
     env = job_env(tmp_path, tiny_model, QA_CHANNEL="production", QA_TRAIN_URI=f"{tmp_path / 'drops'}/")
     one_line_error(run_job(env), 3, "no data files under this prefix")
     assert not (tmp_path / "out" / "channels").exists()
+
+
+def test_warm_starts_in_a_row_are_limited():
+    from job.nightly import choose_init
+    from job.settings import load_settings
+
+    settings = load_settings({"QA_CHANNEL": "production", "QA_INIT_FROM": "channel", "QA_WARM_START_LIMIT": "2"})
+    holder = {"run_id": "n7", "fingerprint": "fp", "warm_starts": 1}
+    init, _ = choose_init(settings, holder)
+    assert (init["from"], init["run_id"], init["warm_starts"]) == ("channel", "n7", 2)
+    init, why = choose_init(settings, {**holder, "warm_starts": 2})
+    assert init == {"from": "base", "warm_starts": 0} and "QA_WARM_START_LIMIT=2" in why
+    assert choose_init(settings, None)[0]["from"] == "base"
+    assert choose_init(load_settings({"QA_CHANNEL": "production"}), holder)[0]["from"] == "base"

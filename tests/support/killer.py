@@ -94,7 +94,7 @@ def install(actions) -> None:
     wrap(job.channel.Channel, "swap", "pointer_write", before=False)
 
 
-def meet(parties: int, timeout: float = 60.0) -> None:
+def meet(parties: int, timeout: float = 120.0) -> None:
     """Wait until ``parties`` processes reached this point (files in $KILLER_MEET_DIR), or the timeout."""
     from pathlib import Path
 
