@@ -120,9 +120,12 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
             log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
                                                             "step": trainer.state.global_step})
     ctx.check_stop()
-    if uploader is not None and not uploader.close(settings.stop_grace_seconds):
-        log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
-                                                                                "step": trainer.state.global_step})
+    if uploader is not None:
+        committed = uploader.close(settings.stop_grace_seconds)
+        stop.checkpoint_committed(committed)  # a stop during evaluation or publishing exits 143 only if it was
+        if not committed:
+            log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
+                                                                                    "step": trainer.state.global_step})
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=stop)
     if ranks.is_writer:
         context = {
@@ -153,10 +156,19 @@ def prepare_work_dir(settings: Settings) -> Path:
 def open_run_storage(settings: Settings):
     store = open_storage(settings.run_uri, _policy(settings), settings.s3_endpoint_url, settings.s3_region)
     if isinstance(store, LocalStorage):
+        # the run folder appears with the first write, so a run that fails on bad input leaves
+        # nothing behind; here only prove that the nearest existing folder on the way takes files
+        output = store.root.parent
+        while not output.exists() and output != output.parent:
+            output = output.parent
         try:
-            store.root.mkdir(parents=True, exist_ok=True)
+            probe = output / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
         except OSError as exc:
-            raise ConfigError(f"QA_OUTPUT_URI={settings.output_uri}: cannot create {store.root} ({exc.strerror})") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageUnavailable(f"QA_OUTPUT_URI={settings.output_uri}: no space left ({exc.strerror})") from None
+            raise ConfigError(f"QA_OUTPUT_URI={settings.output_uri}: not a writable directory ({exc.strerror})") from None
     else:
         store.check_access()
     return store

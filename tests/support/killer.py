@@ -5,6 +5,7 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   term:train_step@5              SIGTERM ourselves after the 5th training step (a real signal)
   slow:train_step=0.2            sleep after every training step (the maths is unchanged)
   pause:stage=3                  sleep before staging the results
+  raise:evaluate@1               raise a BaseException that is not an Exception (like a Rust panic)
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
 evaluate, stage. The job itself is unmodified: only these functions are wrapped.
 """
@@ -15,6 +16,10 @@ import signal
 import sys
 import threading
 import time
+
+
+class Panic(BaseException):
+    """What a pyo3 library raises when its Rust code panics: not an Exception subclass."""
 
 
 def parse(spec: str):
@@ -50,6 +55,8 @@ def install(actions) -> None:
                 count = a["count"]
             if a["verb"] in ("slow", "pause"):
                 time.sleep(a["value"])
+            elif count == int(a["value"]) and a["verb"] == "raise":
+                raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
             elif count == int(a["value"]):
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
