@@ -115,12 +115,14 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
         train_metrics = train(trainer, resume)
     finally:
         if uploader is not None and (stop.requested or (lease and lease.lost.is_set())):
+            stop.checkpoint_committed(False)  # until the upload says otherwise: what a watchdog exit reports
             committed = uploader.close(stop.time_left())
             stop.checkpoint_committed(committed)
             log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
                                                             "step": trainer.state.global_step})
     ctx.check_stop()
     if uploader is not None:
+        stop.checkpoint_committed(False)
         committed = uploader.close(settings.stop_grace_seconds)
         stop.checkpoint_committed(committed)  # a stop during evaluation or publishing exits 143 only if it was
         if not committed:
