@@ -18,7 +18,7 @@ from job.lease import Lease
 from job.preemption import StopRequest
 from job.settings import Settings
 from job.storage import LocalStorage, RetryPolicy, open_storage
-from job.train import ProgressLog, build_trainer, load_model, resolve_precision, train, training_arguments
+from job.train import ProgressLog, build_trainer, check_window_fits, load_model, resolve_precision, train, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
             return  # an earlier attempt of this very run trained and evaluated; only the upload failed
         ctx.check_stop()
         tokenizer, model = load_model(settings.model_name, settings.seed)
+        check_window_fits(model, settings.max_length)
         features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
         ctx.check_stop()
         fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)

@@ -47,6 +47,13 @@ def load_model(model_name: str, seed: int):
     return tokenizer, model
 
 
+def check_window_fits(model, max_length: int) -> None:
+    """A window longer than the model's position table fails deep inside the first forward pass."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"QA_MAX_LENGTH={max_length}: longer than this model's {limit} positions; use at most {limit}")
+
+
 class ProgressLog(TrainerCallback):
     """A JSON line per logging step: step, epoch, loss, learning rate, samples/s and ETA."""
 

@@ -177,3 +177,21 @@ def test_a_stolen_lease_is_noticed_before_the_next_commit(tmp_path):
         lease.guard(store).put_bytes("checkpoints/checkpoint-4/COMMIT.json", b"{}")
     assert lease.lost.is_set() and not (tmp_path / "checkpoints").exists()
     lease.release()
+
+
+def test_a_job_that_loses_its_lease_stops_and_writes_nothing_more(tmp_path, tiny_model):
+    env = job_env(tmp_path, tiny_model, QA_MAX_STEPS="300", QA_CHECKPOINT_STEPS="2", QA_LEASE_SECONDS="6",
+                  QA_STORAGE_TIMEOUT_SECONDS="3")
+    job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.2",))
+    job.wait_for("checkpoint_committed", timeout=120)
+    run = tmp_path / "out" / "test-run"
+    (run / KEY).write_text(json.dumps({"holder": "thief", "host": "elsewhere", "ttl_seconds": 6, "expires_at": time.time() + 60}))
+    result = job.finish(timeout=120)
+    assert result.returncode == 4, result.stderr[-2000:]
+    events = [e.get("event") for e in result.events]
+    lost = events.index("lease_lost")
+    assert "checkpoint_committed" not in events[lost:] and "published" not in events
+    committed_before = max(e["step"] for e in result.event("checkpoint_committed"))
+    on_disk = [int(p.parent.name.split("-")[1]) for p in run.glob("checkpoints/*/COMMIT.json")]
+    assert on_disk and max(on_disk) == committed_before
+    assert json.loads((run / KEY).read_text())["holder"] == "thief"  # not released, not overwritten
