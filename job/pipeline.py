@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import checkpoints, publish, tracking
+from job import checkpoints, publish, summary, tracking
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
@@ -141,7 +142,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
             "resumed_from_step": _step(resume),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        metrics = json.loads((root / "metrics.json").read_text())
         publish.publish(root, store, stop)
+        summary.log_summary(settings, metrics)
 
 
 def prepare_work_dir(settings: Settings) -> Path:
