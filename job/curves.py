@@ -44,10 +44,18 @@ def plot_curves(log_history: list[dict], path: Path, title: str, final: dict | N
             ev.plot([step], [final["f1"]], marker="*", markersize=15, color=_F1, linestyle="", label=f"final F1{n}")
             ev.plot([step], [final["exact_match"]], marker="*", markersize=15, color=_EM, linestyle="",
                     label=f"final exact match{n}")
+            for value, color in ((final["f1"], _F1), (final["exact_match"], _EM)):
+                ev.annotate(f"{value:.1f}", (step, value), textcoords="offset points", xytext=(8, -4), color=color)
         sub = f" on the first {eval_examples} questions" if eval_examples else ""
-        ev.set(title=f"Evaluation during training{sub}", xlabel="step", ylabel="score (%)", ylim=(0, 100))
-        ev.legend(loc="best", fontsize=9)
-    for ax in axes:
+        scores = series(log_history, "eval_f1")[1] + series(log_history, "eval_exact_match")[1]
+        scores += [final["f1"], final["exact_match"]] if final else []
+        # zero-based, scaled to the scores (a 0-100 axis flattens a 5 -> 10 F1 climb), room for the legend
+        ev.set(title=f"Evaluation{sub}", xlabel="step", ylabel="score (%, SQuAD rules)",
+               ylim=(0, max(max(scores) * 1.6, 5)))
+        ev.legend(loc="upper left", fontsize=9, ncol=2)
+    last = max([e.get("step", 0) for e in log_history] or [1])
+    for ax in axes:  # one step axis for every panel, from the start of training
+        ax.set_xlim(-0.02 * last, last * 1.12 + 0.5)
         ax.grid(True, alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path.parent.mkdir(parents=True, exist_ok=True)

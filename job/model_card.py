@@ -85,7 +85,8 @@ def _body(settings, metrics: dict, context: dict, base_prose: str, train_name: s
     rows = [f"| fine-tuned | {metrics['exact_match']:.2f} | {metrics['f1']:.2f} | all {metrics.get('total', '?')} |"]
     if baseline:
         n = during.get("examples")
-        rows.insert(0, f"| untrained QA head (step 0) | {baseline['exact_match']:.2f} | {baseline['f1']:.2f} | first {n} |")
+        which = f"first {n}" if n and n < metrics.get("total", n) else f"all {n}"
+        rows.insert(0, f"| untrained QA head (step 0) | {baseline['exact_match']:.2f} | {baseline['f1']:.2f} | {which} |")
     every = "".join(f"| {k} | {v:.4g} |\n" if isinstance(v, float) else f"| {k} | {v} |\n"
                     for k, v in metrics.items() if v is not None and not isinstance(v, (dict, list)))
     runtime = metrics.get("train_runtime")

@@ -99,7 +99,7 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     manifest = {"run_id": settings.run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "settings": settings.public_dict(), "versions": versions(), **context}
     curves.plot_curves(history, model_dir / curves.FILENAME, f"{settings.run_id}: fine-tuning for extractive QA",
-                       final=scores, eval_examples=metrics.get("eval_during_training", {}).get("examples"))
+                       final=scores, eval_examples=_subset(metrics, len(predictions)))
     model_card.write_card(model_dir / "README.md", settings, metrics, context)
     if "tensorboard" in settings.trackers:
         tracking.stage_events(tracking.logging_dir(settings), root / "logs")
@@ -109,6 +109,12 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     atomic_write(root / BINDING, json.dumps(_binding(settings, inputs)).encode())
     atomic_write(root / STAGED, b"")
     return root
+
+
+def _subset(metrics: dict, total: int) -> int | None:
+    """How many eval examples the evaluations during training used, when fewer than all."""
+    examples = metrics.get("eval_during_training", {}).get("examples")
+    return examples if examples and examples < total else None
 
 
 def _binding(settings, inputs: dict) -> dict:

@@ -24,17 +24,17 @@ def baseline(metrics: dict) -> dict | None:
     return {"exact_match": first["exact_match"], "f1": first["f1"], "examples": during.get("examples")} if first else None
 
 
-def python_command() -> str:
-    """How this interpreter is called from here: ``.venv/bin/python`` in a checkout, else ``python``."""
-    exe = Path(sys.executable)
+def command(name: str) -> str:
+    """How a program of this environment is called from here: ``.venv/bin/<name>`` in a checkout, else ``<name>``."""
+    exe = Path(sys.executable).with_name(name)
     try:
-        return str(exe.relative_to(Path.cwd()))
+        return str(exe.relative_to(Path.cwd())) if exe.exists() else name
     except ValueError:
-        return "python"
+        return name
 
 
 def answer_command(settings, model: str) -> str:
-    parts = [python_command(), "-m", "job.answer", "--model", model]
+    parts = [command("python"), "-m", "job.answer", "--model", model]
     if is_s3(model) and settings.s3_endpoint_url:
         parts += ["--endpoint-url", settings.s3_endpoint_url]
     return shlex.join([*parts, "--question", EXAMPLE[0], "--context", EXAMPLE[1]])
@@ -46,7 +46,7 @@ def tensorboard_command(settings) -> str | None:
     logs = join(settings.run_uri, "logs")
     # TensorBoard's own S3 reader takes the endpoint from S3_ENDPOINT, not AWS_ENDPOINT_URL
     prefix = f"S3_ENDPOINT={shlex.quote(settings.s3_endpoint_url)} " if is_s3(logs) and settings.s3_endpoint_url else ""
-    return f"{prefix}tensorboard --logdir {shlex.quote(logs)}"
+    return f"{prefix}{command('tensorboard')} --logdir {shlex.quote(logs)}"
 
 
 def log_summary(settings, metrics: dict) -> None:

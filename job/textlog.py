@@ -67,14 +67,17 @@ def _summary(f: dict) -> str:
 
 
 def _sample(f: dict) -> str:
-    gold = " | ".join(f"{g}" for g in f.get("gold") or [])
-    verdict = "matches" if f.get("correct") else "differs from"
-    return (f"Q: {f.get('question')}\n{'':{_WIDTH + 11}}model: {f.get('answer') or '(no answer)'!s}   "
-            f"({verdict} the gold answer: {gold})")
+    indent = " " * (_WIDTH + 13)
+    verdict = "right" if f.get("correct") else "wrong"
+    return (f"{f.get('question')}\n{indent}gold:  {' | '.join(map(str, f.get('gold') or []))}\n"
+            f"{indent}model: {f.get('answer') or '(no answer)'}   ({verdict})")
 
 
 _RENDER = {
-    "start": lambda f: f"run {f.get('run_id')} starting",
+    "start": lambda f: f"run {f.get('run_id')} starting; results go to "
+                       f"{str((f.get('settings') or {}).get('output_uri')).rstrip('/')}/{f.get('run_id')}",
+    "lease": lambda f: f"run lease taken (expires after {_num(f.get('ttl_seconds'), 0)} s unless renewed)",
+    "model_load_report": lambda f: "",  # the message says it all; the weight lists are in the JSON fields
     "data": lambda f: f"{f.get('split')} data: {f.get('examples')} questions from {f.get('source')}",
     "features": lambda f: f"{f.get('train_windows')} training / {f.get('eval_windows')} eval windows (cache: {f.get('cache')})",
     "setup": lambda f: f"training on {f.get('device')} in {f.get('precision')}, {f.get('world_size')} process(es)"
@@ -107,7 +110,7 @@ class TextFormatter(logging.Formatter):
         event = fields.pop("event", None)
         render = _RENDER.get(event)
         try:
-            body = render(fields) if render else _generic(record.getMessage(), fields)
+            body = (render(fields) or record.getMessage()) if render else _generic(record.getMessage(), fields)
         except (TypeError, ValueError, KeyError):  # a field of an unexpected type: say it plainly
             body = _generic(record.getMessage(), fields)
         if record.levelno >= logging.WARNING:
