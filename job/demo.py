@@ -65,19 +65,18 @@ def main() -> int:
 def _tell_the_story(env: dict, was_complete: bool) -> None:
     """Sample answers (and the scores, when the run was complete before), through the job's own log format."""
     from job.settings import load_settings
+    from job.summary import log_summary, tensorboard_command
 
     settings = load_settings(env)
     run = Path(settings.run_uri)
     if not (run / "metrics.json").is_file():  # published elsewhere (QA_OUTPUT_URI=s3://...): the job's summary said it all
         return
     if was_complete:  # the job only said so: repeat what the run achieved
-        from job.summary import log_summary
-
         log_summary(settings, json.loads((run / "metrics.json").read_text()))
     if settings.eval_uri and Path(settings.eval_uri).is_file():  # the bundled sample, or another local file
         answer_samples(settings, run / "model")
     log.info("what next", extra={"event": "demo_next", "curves": str(run / "model" / "training_curves.png"),
-                                  "tensorboard": f"tensorboard --logdir {run / 'logs'}", "model_card": str(run / "model" / "README.md")})
+                                  "tensorboard": tensorboard_command(settings), "model_card": str(run / "model" / "README.md")})
 
 
 def answer_samples(settings, model_dir: Path) -> None:

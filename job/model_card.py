@@ -43,7 +43,7 @@ def base_model(model_name: str) -> tuple[str | None, str]:
         pass
     prose = f"a local {kind}model (not a Hugging Face Hub id)"
     if origin:
-        prose += f"; its config names `{origin}` as the model it was saved from"
+        prose += f"; its `config.json` records `{origin}` as where it came from"
     return None, prose
 
 
