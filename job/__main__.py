@@ -28,16 +28,18 @@ def main(environ=None) -> int:
 
 
 def _run(environ, stop: StopRequest) -> int:
-    from job.logs import setup_logging
+    from job.logs import setup_logging, use_format
     from job.redaction import register_secrets
 
     register_secrets(environ)
-    setup_logging(rank=int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None)
+    rank = int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None
+    setup_logging(rank=rank)
     log = logging.getLogger("job")
     try:
         from job.settings import load_settings
 
         settings = load_settings(environ)  # before the heavy imports: a typo is reported in a second
+        use_format(settings.log_format, rank)
         stop.configure(settings.stop_grace_seconds)
         log.info("starting", extra={"event": "start", "run_id": settings.run_id, "settings": settings.public_dict()})
         stop.check()

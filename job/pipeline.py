@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import checkpoints, publish
+from job import checkpoints, publish, summary, tracking
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
 from job.feature_cache import build_features
 from job.fingerprint import training_inputs
 from job.lease import Lease
+from job.periodic_eval import PeriodicEval
 from job.preemption import StopRequest
 from job.settings import Settings
 from job.storage import LocalStorage, RetryPolicy, open_storage
@@ -103,13 +105,21 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
     resume = _restore(store, out, ranks, args)
+    events = tracking.logging_dir(settings) if "tensorboard" in settings.trackers else None
+    if events and ranks.is_writer:
+        tracking.restore_events(resume, events)  # the curves go on from the resumed checkpoint, not from the kill
     uploader = None
     if ranks.is_node_leader:
-        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes)
+        logs = tracking.LogsMirror(store) if events and ranks.is_writer else None
+        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes, logs)
         uploader = checkpoints.Uploader(sync, settings.storage_backoff_seconds)
-    callbacks = [ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
+    # RunTensorBoard before CheckpointCallback: the events are in a checkpoint before it is uploaded
+    callbacks = [*([tracking.RunTensorBoard(events)] if events else []),
+                 ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
                  checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, stop, uploader, lease)]
     trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
+    if settings.eval_steps:
+        PeriodicEval(settings.eval_steps, eval_split.rows, features.eval, settings).attach(trainer)
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": _device_name(cuda),
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
     try:
@@ -138,7 +148,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
             "resumed_from_step": _step(resume),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        metrics = json.loads((root / "metrics.json").read_text())
         publish.publish(root, store, stop)
+        summary.log_summary(settings, metrics)
 
 
 def prepare_work_dir(settings: Settings) -> Path:
