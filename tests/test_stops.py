@@ -99,3 +99,27 @@ def test_sigterm_during_the_lease_wait_exits_at_once(tmp_path, tiny_model):
     assert time.monotonic() - sent < 5
     assert_one_line(result, 143, "stopped by SIGTERM")
     assert json.loads((run / "lease.json").read_text())["holder"] == "gone"  # not touched
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has its own SIGTERM handler yet (Python itself catches only SIGINT)."""
+    try:
+        caught = int(next(line for line in open(f"/proc/{pid}/status") if line.startswith("SigCgt:")).split()[1], 16)
+    except (OSError, StopIteration):
+        return False
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
+def test_ctrl_c_twice_during_start_up_ends_in_one_line_143(tmp_path, tiny_model):
+    """The handler is installed before the slow imports: no KeyboardInterrupt, no 130, no traceback."""
+    job = RunningJob(job_env(tmp_path, tiny_model, **FAST))
+    deadline = time.monotonic() + 20
+    while not handles_sigterm(job.proc.pid):
+        assert time.monotonic() < deadline and job.proc.poll() is None, "the job never installed its handler"
+        time.sleep(0.01)
+    job.proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    job.proc.send_signal(signal.SIGINT)
+    result = job.finish(timeout=60)
+    assert_one_line(result, 143, "stopped by SIGINT")
+    assert "Traceback" not in result.stderr and not result.event("train_start")
