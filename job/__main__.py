@@ -28,20 +28,23 @@ def main(environ=None) -> int:
 
 
 def _run(environ, stop: StopRequest) -> int:
-    from job.logs import setup_logging
+    from job.logs import setup_logging, use_format
     from job.redaction import register_secrets
 
     register_secrets(environ)
-    setup_logging(rank=int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None)
+    rank = int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None
+    setup_logging(rank=rank)
     log = logging.getLogger("job")
     try:
-        from job.pipeline import Ranks, run
         from job.settings import load_settings
 
-        settings = load_settings(environ)
+        settings = load_settings(environ)  # before the heavy imports: a typo is reported in a second
+        use_format(settings.log_format, rank)
         stop.configure(settings.stop_grace_seconds)
         log.info("starting", extra={"event": "start", "run_id": settings.run_id, "settings": settings.public_dict()})
         stop.check()
+        from job.pipeline import Ranks, run
+
         run(settings, Ranks.from_env(environ), stop)
     except JobError as exc:
         return _fail(log, exc.exit_code, str(exc), type(exc).__name__)
@@ -51,6 +54,9 @@ def _run(environ, stop: StopRequest) -> int:
             return _fail(log, code, message, type(exc).__name__)
         return _unexpected(log, exc)
     except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
+        if _disk_full(exc):  # a full disk reported by a native library (safetensors, arrow) as its own error
+            return _fail(log, EXIT_UNAVAILABLE, f"no space left on the local disk ({type(exc).__name__}): "
+                         "free space or give QA_WORK_DIR more, then rerun", type(exc).__name__)
         return _unexpected(log, exc)
     log.info("done", extra={"event": "done", "exit_code": EXIT_OK})
     return EXIT_OK
@@ -64,6 +70,14 @@ def _os_error(exc: OSError) -> tuple[int | None, str]:
     if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return EXIT_CONFIG, f"cannot write{where}: {exc.strerror}; check QA_WORK_DIR / QA_OUTPUT_URI permissions"
     return None, ""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _unexpected(log, exc: BaseException) -> int:

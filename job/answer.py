@@ -54,7 +54,7 @@ class QuestionAnswerer:
 
 def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None) -> Path:
     """A local folder for a model given as a model or run folder, local or ``s3://bucket/prefix``."""
-    from job.locations import confine
+    from job.locations import UnsafeName, confine
     from job.storage import RetryPolicy, open_storage
 
     if not uri.startswith("s3://"):
@@ -74,7 +74,11 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
     if "config.json" not in top_level:
         raise ConfigError(f"--model {uri}: no model there (no config.json)")
     for key in top_level:
-        store.get_file(key, confine(dest, key))
+        try:
+            local = confine(dest, key)
+        except UnsafeName as exc:
+            raise ConfigError(f"--model {uri}: refusing an unsafe object name ({exc})") from None
+        store.get_file(key, local)
     return dest
 
 

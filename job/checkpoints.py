@@ -93,8 +93,9 @@ def committed_steps(store: Storage) -> list[int]:
 class CheckpointSync:
     """What an uploader does with one saved checkpoint folder, on rank 0 or on another node's first process."""
 
-    def __init__(self, store: Storage, keep: int, world_size: int = 1, node: int = 0, nodes: int = 1):
+    def __init__(self, store: Storage, keep: int, world_size: int = 1, node: int = 0, nodes: int = 1, after_commit=None):
         self.store, self.keep, self.world_size, self.node, self.nodes = store, keep, world_size, node, nodes
+        self.after_commit = after_commit  # (step, folder) -> None, once the marker is written (TensorBoard logs)
 
     def __call__(self, step: int, folder: Path) -> None:
         started = time.monotonic()
@@ -114,6 +115,8 @@ class CheckpointSync:
         self.store.put_bytes(base + MARKER, json.dumps(marker, indent=1).encode())
         log.info("checkpoint committed", extra={"event": "checkpoint_committed", "step": step, "files": len(files),
                                                  "upload_seconds": round(time.monotonic() - started, 2)})
+        if self.after_commit is not None:
+            self.after_commit(step, folder)
         self._prune(step, folder.parent)
 
     def _other_nodes(self, step: int, own: dict) -> dict:

@@ -22,7 +22,8 @@ class _StopBetweenBatches(TrainerCallback):
         self.stop.check()
 
 
-def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None) -> tuple[dict, dict[str, str]]:
+def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None,
+             during_training: bool = False) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
     # Decoding pairs logits with windows by position, so prediction must keep the dataset order.
     # transformers 5 also length-groups (shuffles) the eval sampler under group_by_length.
@@ -44,5 +45,7 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None) -> t
         version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
     )
     scores = squad_scores(rows, predictions, version_2=settings.squad_v2)
-    log.info("evaluation finished", extra={"event": "eval", **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
+    log.info("evaluation finished", extra={"event": "eval", "step": trainer.state.global_step, "examples": len(rows),
+                                           "during_training": during_training,
+                                           **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
     return scores, predictions

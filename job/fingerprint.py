@@ -29,6 +29,8 @@ NEUTRAL_SETTINGS = frozenset({
     "dataloader_workers", "preprocess_workers", "logging_steps", "log_format", "report_to",
     "checkpoint_steps", "checkpoint_minutes", "checkpoints_to_keep", "stop_grace_seconds", "lease_seconds",
     "storage_attempts", "storage_backoff_seconds", "storage_timeout_seconds",
+    # evaluation during training watches the weights without changing them (tested bit for bit)
+    "eval_steps", "eval_samples_during_training",
     # promotion policy: decides what happens to a model, not what the model is
     "channel", "gate_metric", "gate_min", "gate_max_drop", "skip_unchanged", "keep_runs",
     # what the weights start from is recorded as resolved (``init``), not as these policies

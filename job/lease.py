@@ -10,9 +10,12 @@ a whole TTL belongs to a dead or cut-off process. A holder on this machine with 
 recognised at once through a lock file it keeps locked (``flock``) while it lives: the kernel
 drops the lock when the process dies, whatever PID namespace it was in.
 
-A holder that cannot renew for two thirds of its TTL, or finds the lease changed or gone, counts
-itself as having lost it: ``lost`` is set and ``guard`` makes every further write raise, so a
-process that lost its lease can no longer commit, prune or publish anything.
+A holder that finds the lease changed or gone, or is refused by storage, has lost it: ``lost`` is
+set and ``guard`` makes every further write raise, so it can no longer commit, prune or publish
+anything. A holder that merely could not renew (storage down) keeps training, but its next write
+first renews the lease with a compare-and-swap: if another process took it over meanwhile (only
+possible after a whole unrenewed TTL), that renewal fails and the lease is lost before anything
+is written.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._renewed_at = 0.0
+        self._renew_lock = threading.Lock()  # the renewal thread and a writer renewing on demand
         self._lock_dir = lock_dir
         self._lock_file = None
         self._lock_id = uuid.uuid4().hex
@@ -160,22 +164,39 @@ class Lease:
     def _renew_once(self) -> bool:
         """One renewal; True once the lease is lost (the loop ends)."""
         try:
-            self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
-            self._renewed_at = time.monotonic()
-            return False
-        except (PreconditionFailed, NotFound):
-            self._lose("the lease was changed or removed by another process")
+            self._renew()
+        except LeaseLost:
             return True
-        except StorageDenied as exc:  # e.g. an expired token: we cannot prove we hold it any more
-            self._lose(f"storage refused the lease renewal ({exc})")
-            return True
-        except (StorageUnavailable, Exception) as exc:  # noqa: BLE001  keep training; the next renewal may get through
+        except Exception as exc:  # noqa: BLE001  storage down: keep training; writes renew first (ensure_held)
             log.warning("lease renewal failed", extra={"event": "lease_renew_failed", "error": str(exc)[:300]})
-        # others may take the lease over a TTL after our last renewal: stop writing well before that
-        if time.monotonic() - self._renewed_at > 2 * self.ttl / 3:
-            self._lose("the lease could not be renewed in time")
-            return True
         return False
+
+    def _renew(self) -> None:
+        """Compare-and-swap our lease forward; LeaseLost when it is not ours any more, storage errors propagate."""
+        with self._renew_lock:
+            if self.lost.is_set():
+                raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+            try:
+                self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
+                self._renewed_at = time.monotonic()
+            except (PreconditionFailed, NotFound):
+                self._lose("the lease was changed or removed by another process")
+            except StorageDenied as exc:  # e.g. an expired token: we cannot prove we hold it any more
+                self._lose(f"storage refused the lease renewal ({exc})")
+            if self.lost.is_set():
+                raise LeaseLost(f"QA_RUN_ID={self.run_id}: another process holds the run lease; this one writes nothing more")
+
+    @property
+    def fresh(self) -> bool:
+        """Renewed within the last two thirds of the TTL: nobody can have taken it over since."""
+        return time.monotonic() - self._renewed_at < 2 * self.ttl / 3
+
+    def ensure_held(self) -> None:
+        """Before any write: LeaseLost if lost; after a renewal gap, renew (CAS) first, so a thief is found out."""
+        if self.lost.is_set():
+            raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+        if not self.fresh:
+            self._renew()
 
     def _lose(self, why: str) -> None:
         if not self.lost.is_set():
@@ -184,8 +205,7 @@ class Lease:
 
     def verify(self) -> None:
         """Before a commit point: raise LeaseLost unless the lease in storage is still ours."""
-        if self.lost.is_set():
-            raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+        self.ensure_held()
         try:
             raw, _ = self.store.get_bytes(KEY)
         except NotFound:
@@ -224,8 +244,9 @@ class Lease:
 class FencedStorage:
     """The run's storage as seen by a lease holder: no write once the lease is lost.
 
-    Bulk uploads check the ``lost`` flag; markers and deletes (the writes that make something
-    count or disappear) first read the lease back and check it still names this process.
+    Bulk uploads check the ``lost`` flag (and renew first after a renewal gap); markers and deletes
+    (the writes that make something count or disappear) also read the lease back and check it
+    still names this process.
     """
 
     def __init__(self, store: Storage, lease: Lease):
@@ -235,12 +256,8 @@ class FencedStorage:
     def __getattr__(self, name):  # reads (get_bytes, list, size, get_file, check_access) pass through
         return getattr(self._store, name)
 
-    def _check(self) -> None:
-        if self._lease.lost.is_set():
-            raise LeaseLost(f"QA_RUN_ID={self._lease.run_id}: this process lost the run lease; it writes nothing more")
-
     def put_file(self, local, key: str) -> None:
-        self._check()
+        self._lease.ensure_held()
         self._store.put_file(local, key)
 
     def put_bytes(self, key: str, data: bytes, **conditions) -> str:

@@ -3,22 +3,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import checkpoints, nightly, promotion, publish
+from job import checkpoints, nightly, promotion, publish, summary, tracking
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
 from job.feature_cache import build_features
 from job.fingerprint import training_inputs
 from job.lease import Lease
+from job.periodic_eval import PeriodicEval
 from job.preemption import StopRequest
 from job.settings import Settings
 from job.storage import LocalStorage, RetryPolicy, open_storage
-from job.train import ProgressLog, build_trainer, load_model, resolve_precision, train, training_arguments
+from job.train import ProgressLog, build_trainer, check_window_fits, load_model, resolve_precision, train, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
         return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
     ctx.check_stop()
     tokenizer, model = load_model(nightly.init_model(settings, night), settings.seed)
+    check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
     ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
@@ -119,27 +122,40 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
     resume = _restore(store, out, ranks, args)
+    events = tracking.logging_dir(settings) if "tensorboard" in settings.trackers else None
+    if events and ranks.is_writer:
+        tracking.restore_events(resume, events)  # the curves go on from the resumed checkpoint, not from the kill
     uploader = None
     if ranks.is_node_leader:
-        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes)
+        logs = tracking.LogsMirror(store) if events and ranks.is_writer else None
+        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes, logs)
         uploader = checkpoints.Uploader(sync, settings.storage_backoff_seconds)
-    callbacks = [ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
+    # RunTensorBoard before CheckpointCallback: the events are in a checkpoint before it is uploaded
+    callbacks = [*([tracking.RunTensorBoard(events)] if events else []),
+                 ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
                  checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, stop, uploader, lease)]
     trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
+    if settings.eval_steps:
+        PeriodicEval(settings.eval_steps, eval_split.rows, features.eval, settings).attach(trainer)
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": _device_name(cuda),
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
     try:
         train_metrics = train(trainer, resume)
     finally:
         if uploader is not None and (stop.requested or (lease and lease.lost.is_set())):
+            stop.checkpoint_committed(False)  # until the upload says otherwise: what a watchdog exit reports
             committed = uploader.close(stop.time_left())
             stop.checkpoint_committed(committed)
             log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
                                                             "step": trainer.state.global_step})
     ctx.check_stop()
-    if uploader is not None and not uploader.close(settings.stop_grace_seconds):
-        log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
-                                                                                "step": trainer.state.global_step})
+    if uploader is not None:
+        stop.checkpoint_committed(False)
+        committed = uploader.close(settings.stop_grace_seconds)
+        stop.checkpoint_committed(committed)  # a stop during evaluation or publishing exits 143 only if it was
+        if not committed:
+            log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
+                                                                                    "step": trainer.state.global_step})
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=stop)
     if ranks.is_writer:
         context = {
@@ -151,7 +167,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
             "resumed_from_step": _step(resume),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        metrics = json.loads((root / "metrics.json").read_text())
         publish.publish(root, store, stop)
+        summary.log_summary(settings, metrics)
 
 
 def prepare_work_dir(settings: Settings) -> Path:
@@ -172,10 +190,19 @@ def prepare_work_dir(settings: Settings) -> Path:
 def open_run_storage(settings: Settings):
     store = open_storage(settings.run_uri, _policy(settings), settings.s3_endpoint_url, settings.s3_region)
     if isinstance(store, LocalStorage):
+        # the run folder appears with the first write, so a run that fails on bad input leaves
+        # nothing behind; here only prove that the nearest existing folder on the way takes files
+        output = store.root.parent
+        while not output.exists() and output != output.parent:
+            output = output.parent
         try:
-            store.root.mkdir(parents=True, exist_ok=True)
+            probe = output / f".probe-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
         except OSError as exc:
-            raise ConfigError(f"QA_OUTPUT_URI={settings.output_uri}: cannot create {store.root} ({exc.strerror})") from None
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageUnavailable(f"QA_OUTPUT_URI={settings.output_uri}: no space left ({exc.strerror})") from None
+            raise ConfigError(f"QA_OUTPUT_URI={settings.output_uri}: not a writable directory ({exc.strerror})") from None
     else:
         store.check_access()
     return store

@@ -50,8 +50,9 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
         self.deadline = time.monotonic() + self.grace_seconds
         self.event.set()
-        log.warning("stop requested", extra={"event": "stop_requested", "signal": self.signal_name,
-                                             "grace_seconds": self.grace_seconds})
+        if logging.getLogger().handlers:  # before logging is set up, the failed line will say it all
+            log.warning("stop requested", extra={"event": "stop_requested", "signal": self.signal_name,
+                                                 "grace_seconds": self.grace_seconds})
         threading.Thread(target=self._watchdog, name="stop-watchdog", daemon=True).start()
 
     def _watchdog(self) -> None:

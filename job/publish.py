@@ -13,6 +13,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from job import curves, model_card, periodic_eval, tracking
 from job.errors import ConfigError
 from job.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.redaction import redact
@@ -92,15 +93,30 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
         "train_loss": train_metrics.get("train_loss"),
         "global_step": trainer.state.global_step,
     }
+    history = trainer.state.log_history
+    points = periodic_eval.eval_points(history)
+    if points:
+        examples = settings.eval_samples_during_training or len(predictions)
+        metrics["eval_during_training"] = {"examples": min(examples, len(predictions)), "points": points}
     manifest = {"run_id": settings.run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "settings": settings.public_dict(), "versions": versions(), **context}
-    (model_dir / "README.md").write_text(model_card(settings, metrics, context))
+    curves.plot_curves(history, model_dir / curves.FILENAME, f"{settings.run_id}: fine-tuning for extractive QA",
+                       final=scores, eval_examples=_subset(metrics, len(predictions)))
+    model_card.write_card(model_dir / "README.md", settings, metrics, context)
+    if "tensorboard" in settings.trackers:
+        tracking.stage_events(tracking.logging_dir(settings), root / "logs")
     atomic_write(root / "metrics.json", json.dumps(metrics, indent=2).encode())
     atomic_write(root / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False).encode())
     atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
     atomic_write(root / BINDING, json.dumps(_binding(settings, inputs)).encode())
     atomic_write(root / STAGED, b"")
     return root
+
+
+def _subset(metrics: dict, total: int) -> int | None:
+    """How many eval examples the evaluations during training used, when fewer than all."""
+    examples = metrics.get("eval_during_training", {}).get("examples")
+    return examples if examples and examples < total else None
 
 
 def _binding(settings, inputs: dict) -> dict:
@@ -142,6 +158,9 @@ def publish(root: Path, store: Storage, stop=None) -> None:
         if stop is not None:
             stop.check()
         store.put_file(path, path.relative_to(root).as_posix())
+    if (root / "logs").is_dir():  # logs/ is a mirror: events of attempts no checkpoint kept must go
+        tracking.mirror_deletions(store, tracking.LOGS, {p.relative_to(root / "logs").as_posix() for p in files
+                                                         if p.is_relative_to(root / "logs")})
     if stop is not None:
         stop.check()
     metrics = json.loads((root / "metrics.json").read_text())
@@ -150,30 +169,3 @@ def publish(root: Path, store: Storage, stop=None) -> None:
     log.info("published", extra={"event": "published", "uri": store.uri, "files": len(files)})
     shutil.rmtree(root, ignore_errors=True)
 
-
-def model_card(settings, metrics: dict, context: dict) -> str:
-    data = context.get("data", {})
-    rows = "\n".join(f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in metrics.items() if v is not None)
-    return f"""---
-library_name: transformers
-pipeline_tag: question-answering
-base_model: {settings.model_name}
----
-# {settings.run_id}
-
-Extractive question answering model fine-tuned by qa-finetune from `{settings.model_name}`.
-
-- training data: `{data.get('train', {}).get('source', '?')}` ({data.get('train', {}).get('examples', '?')} examples)
-- evaluation data: `{data.get('eval', {}).get('source', '?')}` ({data.get('eval', {}).get('examples', '?')} examples)
-- windows: {settings.max_length} tokens, stride {settings.doc_stride}; SQuAD v2 (unanswerable): {settings.squad_v2}
-- precision: {context.get('precision', '?')}; epochs {settings.epochs}, learning rate {settings.learning_rate}, batch {settings.batch_size}
-
-## Evaluation (official SQuAD rules)
-
-| metric | value |
-|---|---|
-{rows}
-
-Answer questions with `python -m job.answer --model <this folder or s3:// URI> --question ... --context ...`.
-"""

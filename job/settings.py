@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     dataloader_workers: int = Field(2, ge=0, le=64)
     logging_steps: PositiveInt = 50
 
+    # watching a run: trackers, evaluation during training, log format
+    report_to: str = Field("tensorboard", description="comma list of the Trainer's integrations, or none")
+    eval_steps: int = Field(0, ge=0, description="EM/F1 every N steps (and before the first); 0 = only at the end")
+    eval_samples_during_training: int = Field(1000, ge=0, description="eval examples used during training; 0 = all")
+    log_format: Literal["auto", "json", "text"] = "auto"
+
     # checkpoints, preemption and the run lease
     checkpoint_steps: int = Field(500, ge=0, description="0 = no step-based checkpoints")
     checkpoint_minutes: float = Field(30.0, ge=0, description="0 = no time-based checkpoints")
@@ -151,6 +157,15 @@ class Settings(BaseSettings):
 
         return check_channel_name(v) if v is not None else v
 
+    @field_validator("report_to")
+    @classmethod
+    def _tracker_list(cls, v: str) -> str:
+        """Normalised to "a,b" (lower case, no blanks, no repeats); "none" alone or nothing."""
+        names = list(dict.fromkeys(n.strip().lower() for n in v.split(",") if n.strip()))
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' cannot be combined with tracker names")
+        return ",".join(n for n in names if n != "none") or "none"
+
     @field_validator("s3_endpoint_url")
     @classmethod
     def _endpoint_is_a_url(cls, v: str | None) -> str | None:
@@ -171,6 +186,10 @@ class Settings(BaseSettings):
         if v is not None and not _REGION.fullmatch(v):
             raise ValueError("not a region name (e.g. us-east-1)")
         return v
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return () if self.report_to == "none" else tuple(self.report_to.split(","))
 
     @property
     def run_uri(self) -> str:
@@ -254,4 +273,8 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("QA_INIT_FROM: 'channel' needs QA_CHANNEL (the channel whose holder to start from)")
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
+    if s.trackers:
+        from job.tracking import tracker_problems  # imports transformers: only when a tracker is asked for
+
+        problems.extend(f"QA_REPORT_TO: {p}" for p in tracker_problems(s.trackers))
     return problems

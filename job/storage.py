@@ -201,10 +201,12 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        path.unlink(missing_ok=True)
-        # S3 has no folders; here an emptied one is removed so listings look the same
+        with _local_errors(f"delete {key}"):
+            path.unlink(missing_ok=True)
+        # S3 has no folders; here an emptied one (the root included) is removed so listings look
+        # the same and a run that wrote nothing lasting leaves nothing behind. Writes recreate it.
         for parent in path.parents:
-            if parent == self.root or not parent.is_relative_to(self.root):
+            if not parent.is_relative_to(self.root):
                 break
             try:
                 parent.rmdir()

@@ -12,6 +12,8 @@ from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataColl
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from job.errors import ConfigError, StorageUnavailable
+from job.logs import resolve_format
+from job.tracking import trainer_integrations
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,13 @@ def load_model(model_name: str, seed: int):
     if not tokenizer.is_fast:
         raise ConfigError(f"QA_MODEL_NAME={model_name}: needs a fast tokenizer (character offsets)")
     return tokenizer, model
+
+
+def check_window_fits(model, max_length: int) -> None:
+    """A window longer than the model's position table fails deep inside the first forward pass."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"QA_MAX_LENGTH={max_length}: longer than this model's {limit} positions; use at most {limit}")
 
 
 class ProgressLog(TrainerCallback):
@@ -96,8 +105,10 @@ def training_arguments(settings, output_dir: Path, precision: str) -> TrainingAr
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
         save_strategy="no",
         save_total_limit=None,
-        report_to="none",
-        disable_tqdm=not sys.stdout.isatty(),
+        # TensorBoard runs as job.tracking.RunTensorBoard (the run's own folder); the others as the Trainer has them
+        report_to=trainer_integrations(settings.trackers),
+        # bars only for JSON lines on a terminal: the text format has its own progress lines
+        disable_tqdm=not sys.stdout.isatty() or resolve_format(settings.log_format) == "text",
         ddp_find_unused_parameters=False,
     )
 

@@ -76,3 +76,40 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(DataError, match="unknown data format"):
         read_rows(tmp_path / "data.txt", "data.txt")
+
+
+def _row(**change):
+    row = {"id": "R1", "context": "Paris is nice.", "question": "Where?", "answers": {"text": ["Paris"], "answer_start": [0]}}
+    row.update(change)
+    return row
+
+
+@pytest.mark.parametrize("row, needle", [
+    (_row(answers={"text": ["Paris"], "answer_start": [-3]}), "answer_start must be a non-negative integer (got '-3')"),
+    (_row(answers={"text": ["Paris"], "answer_start": [0.5]}), "answer_start must be a non-negative integer (got '0.5')"),
+    (_row(answers={"text": ["Paris"], "answer_start": [True]}), "answer_start must be a non-negative integer (got 'True')"),
+    (_row(answers={"text": ["Paris"], "answer_start": [float("inf")]}), "answer_start must be a non-negative integer (got 'inf')"),
+    (_row(answers={"text": ["Paris"], "answer_start": [float("nan")]}), "answer_start must be a non-negative integer (got 'nan')"),
+    (_row(answers={"text": [""], "answer_start": [0]}), "an answer text must be a non-empty string"),
+    (_row(context="Paris \ud800"), "field 'context' holds an invalid character (a lone UTF-16 surrogate)"),
+    (_row(question="Where\udfff?"), "field 'question' holds an invalid character"),
+    (_row(id=17), "row '17': field 'id' must be a string (got int)"),
+])
+def test_hostile_values_are_named(row, needle):
+    with pytest.raises(DataError) as info:
+        validate_rows([row], "train.jsonl", squad_v2=False)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+
+
+def test_integral_answer_starts_from_parquet_are_accepted(tmp_path):
+    pd.DataFrame([{"id": "a", "context": "Paris is nice.", "question": "Where?", "answer_text": "nice", "answer_start": 9.0}]
+                 ).to_parquet(tmp_path / "f.parquet")
+    assert validate_rows(read_rows(tmp_path / "f.parquet", "f"), "f", squad_v2=False)[0]["answers"]["answer_start"] == [9]
+
+
+def test_unanswerable_rows_are_listed_all_at_once(train_rows):
+    data = [dict(r, answers={"text": [], "answer_start": []}) for r in train_rows[:7]]
+    with pytest.raises(DataError) as info:
+        validate_rows(data, "dev.jsonl", squad_v2=False)
+    assert "7 row(s) without an answer" in str(info.value) and "and 2 more" in str(info.value)
+    assert repr(train_rows[0]["id"]) in str(info.value)

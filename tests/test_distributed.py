@@ -81,3 +81,50 @@ def test_sigterm_to_the_launcher_exits_143_with_a_checkpoint(bucket, tmp_path, t
     result = job.finish(timeout=120)
     assert result.returncode == 143, result.stderr[-3000:]
     assert len(committed(bucket, "dist-term")) == 1
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(env, tmp, label, spec=None):
+    """Two torchrun "nodes" on this machine: two launches, one process each, each with its own work dir."""
+    port = free_port()
+    jobs = []
+    for node in (0, 1):
+        args = ("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}")
+        if spec:
+            args += ("--entry", "tests.support.killer", spec)
+        jobs.append(RunningJob({**env, "QA_WORK_DIR": str(tmp / f"{label}-node{node}")}, module="job.launch", args=args))
+    return [job.finish(timeout=300) for job in jobs]
+
+
+@pytest.fixture(scope="module")
+def two_node_reference(bucket, tmp_path_factory, tiny_model):
+    tmp = tmp_path_factory.mktemp("two-node-ref")
+    results = two_nodes(env_for(bucket, tmp, tiny_model, "two-nodes-ref"), tmp, "ref")
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    return weights(bucket, "two-nodes-ref")
+
+
+def test_two_nodes_killed_resume_exactly(two_node_reference, bucket, tmp_path, tiny_model):
+    """Each node uploads the RNG state of its own ranks; the marker lists every rank's files before it counts."""
+    env = env_for(bucket, tmp_path, tiny_model, "two-nodes")
+    killed = two_nodes(env, tmp_path, "first", "slow:train_step=0.4,kill:train_step@5")
+    assert all(r.returncode != 0 for r in killed) and any(r.event("fault_injected") for r in killed)
+    at_kill = committed(bucket, "two-nodes")
+    assert at_kill and max(at_kill) < 8
+    name, server = bucket
+    marker = json.loads(server.client().get_object(
+        Bucket=name, Key=f"runs/two-nodes/checkpoints/checkpoint-{max(at_kill)}/COMMIT.json")["Body"].read())
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(marker["files"]) and marker["world_size"] == 2
+    assert killed[1].event("checkpoint_part")  # node 1 uploaded its own share
+    rerun = two_nodes(env, tmp_path, "fresh")  # fresh work dirs: only storage survives
+    assert [r.returncode for r in rerun] == [0, 0], [r.stderr[-2000:] for r in rerun]
+    assert {e["resume_step"] for r in rerun for e in r.event("setup")} == {max(at_kill)}
+    a = weights(bucket, "two-nodes")
+    assert all(torch.equal(a[k], two_node_reference[k]) for k in a)

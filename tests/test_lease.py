@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from job.errors import RunLocked, StorageDenied
+from job.errors import RunLocked, StorageDenied, StorageUnavailable
 from job.lease import KEY, Lease, LeaseLost
 from job.storage import LocalStorage
 from tests.support.jobrun import ROOT, RunningJob, job_env, run_job
@@ -176,4 +176,61 @@ def test_a_stolen_lease_is_noticed_before_the_next_commit(tmp_path):
     with pytest.raises(LeaseLost):
         lease.guard(store).put_bytes("checkpoints/checkpoint-4/COMMIT.json", b"{}")
     assert lease.lost.is_set() and not (tmp_path / "checkpoints").exists()
+    lease.release()
+
+
+def test_a_job_that_loses_its_lease_stops_and_writes_nothing_more(tmp_path, tiny_model):
+    env = job_env(tmp_path, tiny_model, QA_MAX_STEPS="300", QA_CHECKPOINT_STEPS="2", QA_LEASE_SECONDS="6",
+                  QA_STORAGE_TIMEOUT_SECONDS="3")
+    job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.2",))
+    job.wait_for("checkpoint_committed", timeout=120)
+    run = tmp_path / "out" / "test-run"
+    (run / KEY).write_text(json.dumps({"holder": "thief", "host": "elsewhere", "ttl_seconds": 6, "expires_at": time.time() + 60}))
+    result = job.finish(timeout=120)
+    assert result.returncode == 4, result.stderr[-2000:]
+    events = [e.get("event") for e in result.events]
+    lost = events.index("lease_lost")
+    assert "checkpoint_committed" not in events[lost:] and "published" not in events
+    committed_before = max(e["step"] for e in result.event("checkpoint_committed"))
+    on_disk = [int(p.parent.name.split("-")[1]) for p in run.glob("checkpoints/*/COMMIT.json")]
+    assert on_disk and max(on_disk) == committed_before
+    assert json.loads((run / KEY).read_text())["holder"] == "thief"  # not released, not overwritten
+
+
+class Partitioned(LocalStorage):
+    """This process's view of the storage: unreachable while ``down`` (another process sees it fine)."""
+
+    down = False
+
+    def _fail(self):
+        if self.down:
+            raise StorageUnavailable("partitioned")
+
+    def put_bytes(self, key, data, **kw):
+        self._fail()
+        return super().put_bytes(key, data, **kw)
+
+    def get_bytes(self, key):
+        self._fail()
+        return super().get_bytes(key)
+
+    def put_file(self, local, key):
+        self._fail()
+        return super().put_file(local, key)
+
+
+def test_a_partitioned_holder_keeps_training_but_a_taken_over_lease_stops_its_next_write(tmp_path):
+    mine = Partitioned(tmp_path)
+    lease = Lease(mine, "r", ttl_seconds=1.5)
+    lease.acquire()
+    fenced = lease.guard(mine)
+    mine.down = True
+    time.sleep(1.2)
+    assert not lease.lost.is_set(), "an outage alone is not a lost lease: training goes on"
+    with Lease(LocalStorage(tmp_path), "r", ttl_seconds=1.5) as other:  # watches a whole TTL unrenewed, takes over
+        mine.down = False
+        with pytest.raises(LeaseLost):
+            fenced.put_file(tmp_path / KEY, "checkpoints/checkpoint-9/weights.bin")
+        assert not (tmp_path / "checkpoints").exists()
+        assert json.loads((tmp_path / KEY).read_text())["holder"] == other.token
     lease.release()

@@ -61,6 +61,40 @@ def test_kubernetes_service_links_are_not_settings():
 
 
 @pytest.mark.parametrize("env, needle", [
+    ({"QA_OUTPUT_URI": "s3://Bad_Bucket/runs"}, "QA_OUTPUT_URI: invalid bucket name 'Bad_Bucket'"),
+    ({"QA_OUTPUT_URI": "s3://ab/runs"}, "QA_OUTPUT_URI: invalid bucket name 'ab'"),
+    ({"QA_OUTPUT_URI": "s3://bucket/runs#x"}, "QA_OUTPUT_URI: the key must not contain '?', '#'"),
+    ({"QA_OUTPUT_URI": "s3://bucket/a?b"}, "QA_OUTPUT_URI: the key must not contain '?', '#'"),
+    ({"QA_OUTPUT_URI": "s3://bucket/a/../b"}, "QA_OUTPUT_URI: the key must not contain '.' or '..' segments"),
+    ({"QA_TRAIN_URI": "s3://key:secret@bucket/train.jsonl"}, "QA_TRAIN_URI: credentials in an s3:// URI are not supported"),
+    ({"QA_OUTPUT_URI": "out\x00put"}, "QA_OUTPUT_URI: must not contain control characters"),
+    ({"QA_S3_ENDPOINT_URL": "not a url"}, "QA_S3_ENDPOINT_URL: not a URL"),
+    ({"QA_S3_ENDPOINT_URL": "ftp://host"}, "QA_S3_ENDPOINT_URL: not a URL"),
+    ({"QA_S3_ENDPOINT_URL": "http://127.0.0.1:99999"}, "QA_S3_ENDPOINT_URL: not a URL"),
+    ({"QA_S3_REGION": "eu west/1"}, "QA_S3_REGION: not a region name"),
+    ({"QA_SEED": str(2 ** 32)}, "QA_SEED"),
+    ({"QA_STOP_GRACE_SECONDS": "inf"}, "QA_STOP_GRACE_SECONDS"),
+    ({"QA_LEASE_SECONDS": "nan"}, "QA_LEASE_SECONDS"),
+    ({"QA_NULL_SCORE_DIFF_THRESHOLD": "-inf"}, "QA_NULL_SCORE_DIFF_THRESHOLD"),
+    ({"QA_CHECKPOINT_MINUTES": "Infinity"}, "QA_CHECKPOINT_MINUTES"),
+    ({"QA_RUN_ID": "nightly\n"}, "QA_RUN_ID"),
+])
+def test_hostile_values_are_refused(env, needle):
+    assert needle in problems(env)
+
+
+def test_run_folder_joins_keep_the_run_id_in_the_key():
+    s = load_settings({"QA_OUTPUT_URI": "s3://bucket/a b/runs/", "QA_RUN_ID": "r1"})
+    assert s.run_uri == "s3://bucket/a b/runs/r1"
+    assert load_settings({"QA_OUTPUT_URI": "file:///tmp/out"}).output_uri == "/tmp/out"
+
+
+def test_a_secret_in_a_bad_value_is_not_echoed():
+    msg = problems({"QA_S3_ENDPOINT_URL": "http://user:hunter2pw@minio:9000/ x"})
+    assert "hunter2pw" not in msg and "QA_S3_ENDPOINT_URL" in msg
+
+
+@pytest.mark.parametrize("env, needle", [
     ({"QA_CHANNEL": "prod/eu"}, "QA_CHANNEL: invalid channel name 'prod/eu'"),
     ({"QA_CHANNEL": ".."}, "QA_CHANNEL: invalid channel name '..'"),
     ({"QA_CHANNEL": "a..b"}, "QA_CHANNEL: invalid channel name"),

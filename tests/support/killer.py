@@ -5,6 +5,7 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   term:train_step@5              SIGTERM ourselves after the 5th training step (a real signal)
   slow:train_step=0.2            sleep after every training step (the maths is unchanged)
   pause:stage=3                  sleep before staging the results
+  raise:evaluate@1               raise a BaseException that is not an Exception (like a Rust panic)
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
@@ -22,6 +23,10 @@ import threading
 import time
 
 
+class Panic(BaseException):
+    """What a pyo3 library raises when its Rust code panics: not an Exception subclass."""
+
+
 def parse(spec: str):
     actions = []
     for part in filter(None, spec.split(",")):
@@ -31,7 +36,7 @@ def parse(spec: str):
             rest, value = rest.rsplit("=", 1)
         if "@" in rest:
             rest, at = rest.rsplit("@", 1)
-        if verb in ("kill", "term") and at is not None:
+        if verb != "meet" and at is not None:
             value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
         actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "at": int(at or 1), "count": 0})
@@ -61,6 +66,8 @@ def install(actions) -> None:
                 time.sleep(a["value"])
             elif a["verb"] == "meet" and count == a["at"]:
                 meet(int(a["value"]))
+            elif count == int(a["value"]) and a["verb"] == "raise":
+                raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
             elif count == int(a["value"]):
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
