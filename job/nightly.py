@@ -92,13 +92,16 @@ def same_recipe(channel: Channel, holder: dict | None, tonight: str, run_id: str
     return None
 
 
-def init_model(settings, night: Night) -> str:
-    """What ``load_model`` loads: ``QA_MODEL_NAME``, or a local copy of the holder's published model."""
+def init_model(settings, night: Night, local_rank: int = 0) -> str:
+    """What ``load_model`` loads: ``QA_MODEL_NAME``, or a local copy of the holder's published model.
+
+    Each process of a node downloads its own copy: they share the work dir and nothing else.
+    """
     if night.init.get("from") != "channel":
         return settings.model_name
     from job.holder import fetch_run_model
 
-    dest = Path(settings.work_dir) / settings.run_id / "init-model"
+    dest = Path(settings.work_dir) / settings.run_id / (f"init-model-{local_rank}" if local_rank else "init-model")
     shutil.rmtree(dest, ignore_errors=True)
     return str(fetch_run_model(settings, night.init["run_id"], dest))
 

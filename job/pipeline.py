@@ -105,7 +105,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
         return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
     ctx.check_stop()
-    tokenizer, model = load_model(nightly.init_model(settings, night), settings.seed)
+    tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed)
     check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
     ctx.check_stop()
