@@ -132,19 +132,21 @@ def hold(channel: Channel, held: bool, reason: str) -> dict:
 
 def _repair(channel: Channel, run: dict, reason: str) -> dict:
     """Replace a pointer that does not parse: still a conditional write, against the broken object's ETag."""
-    from job.storage import PreconditionFailed
+    from job.storage import NotFound, PreconditionFailed
 
     try:
-        channel.read()
+        raw, etag = channel.store.get_bytes(channel.key)  # the ETag of exactly what is judged corrupted
+        channel.parse(raw, channel.where)
     except CorruptPointer:
         pass
+    except NotFound:
+        raise ConfigError(f"{channel.where} does not exist; promote without --repair: nothing was moved") from None
     else:
         raise ConfigError(f"{channel.where} is not corrupted; --repair only replaces a corrupted pointer: nothing was moved")
     history = channel.history()
     last = history[-1] if history else None
     pointer = next_version(last, channel.name, run, "manual", "promote", reason or "pointer repaired by hand")
     pointer["seq"] = max(channel.history_seqs() or [0]) + 1
-    _, etag = channel.store.get_bytes(channel.key)
     channel.check_conditional_writes()
     try:
         new_etag = channel.store.put_bytes(channel.key, encode(pointer), if_match=etag)

@@ -234,8 +234,8 @@ def test_racing_promotions_one_winner_the_other_gated_again(chain):
     history = chain.place.history()
     assert [e["seq"] for e in history] == list(range(1, len(history) + 1))
     assert [e["run_id"] for e in history[before["seq"]:before["seq"] + 2]] == [won["run_id"], lost["run_id"]]
-    for before, after in zip(history, history[1:]):
-        assert after["previous"] == before["run_id"]
+    for older, newer in zip(history, history[1:]):
+        assert newer["previous"] == older["run_id"]
 
 
 def test_sigkill_at_each_promotion_step_leaves_a_valid_pointer_and_a_rerun_converges(chain):
@@ -266,20 +266,16 @@ def test_sigkill_at_each_promotion_step_leaves_a_valid_pointer_and_a_rerun_conve
 def test_warm_start_begins_exactly_where_the_holder_is(chain, tmp_path, monkeypatch):
     """The model a warm start loads scores exactly what the holder scored on the same questions."""
     import datasets
+    import torch
 
+    from job.data import load_split
     from job.evaluate import evaluate
     from job.features import eval_features
     from job.nightly import Night, init_model
     from job.settings import load_settings
     from job.storage import RetryPolicy
-    from job.data import load_split
     from job.train import build_trainer, load_model, training_arguments
 
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the jobs ran: the same summation order, the same logits
-    request_cleanup = lambda: torch.set_num_threads(threads)  # noqa: E731
     place = chain.place
     pointer = place.json("channels/production.json")
     env = place.env_for("warm-check", QA_INIT_FROM="channel", QA_WORK_DIR=str(tmp_path))
@@ -291,10 +287,12 @@ def test_warm_start_begins_exactly_where_the_holder_is(chain, tmp_path, monkeypa
     rows = load_split("eval", settings, RetryPolicy()).rows
     features = datasets.Dataset.from_dict(eval_features(tokenizer, rows, settings.max_length, settings.doc_stride))
     trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, tmp_path / "t", "fp32"), [])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the jobs ran (OMP_NUM_THREADS=1): the same summation order, the same logits
     try:
         scores, predictions = evaluate(trainer, features, rows, settings)
     finally:
-        request_cleanup()
+        torch.set_num_threads(threads)
     assert predictions == place.json(f"{pointer['run_id']}/predictions.json")
     assert scores["f1"] == pointer["metrics"]["f1"] and scores["exact_match"] == pointer["metrics"]["exact_match"]
 
