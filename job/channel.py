@@ -206,7 +206,7 @@ class Channel:
                     continue
                 raise ConditionalWritesUnsupported(
                     f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
-                    "channels need them (AWS S3, MinIO, SeaweedFS, R2 and local disks do): nothing was moved")
+                    "channels need them: nothing was moved")
         finally:
             self.store.delete(key)
         self._probed = True
