@@ -132,9 +132,17 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None, fmt: str =
         import datasets
         import transformers
 
+        # Loading and saving bars ("Loading weights", "Writing model shards") say nothing a stage
+        # line does not, and on a terminal they break up the text lines; the Trainer's own bar is
+        # governed by disable_tqdm (job.train).
         datasets.disable_progress_bars()
-        if not sys.stderr.isatty():
-            transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+        try:
+            import huggingface_hub.utils
+
+            huggingface_hub.utils.disable_progress_bars()
+        except ImportError:
+            pass
         transformers.utils.logging.disable_default_handler()
         transformers.utils.logging.enable_propagation()
         transformers.utils.logging.set_verbosity_warning()
