@@ -1,18 +1,46 @@
-"""Evaluate: predict logits for every window, decode n-best answers per example, score EM/F1."""
+"""Evaluate: predict logits for every window, decode n-best answers per example, score EM/F1.
+
+Windows are predicted longest first and the logits put back in dataset order before decoding.
+In dataset order most batches of 64 hold one long window and are padded to it; sorted, each
+batch is padded only to its own longest, so the model computes about half the positions on
+SQuAD. The answers are the ones dataset order gives, up to the last bits of the logits: the
+matmuls see other batch shapes, which can flip a near-tie between two spans (RESULTS.md counts it).
+"""
 from __future__ import annotations
 
 import logging
 
-from job.decoding import decode_all
+import numpy as np
+
+from job.decoding import count_nonfinite, decode_all
 from job.squad_metrics import squad_scores
 
 log = logging.getLogger(__name__)
 _DECODING_COLUMNS = ("example_index", "offset_mapping")
 
 
-def evaluate(trainer, eval_features, rows: list[dict], settings) -> tuple[dict, dict[str, str]]:
+def length_order(lengths) -> np.ndarray:
+    """Window indices longest first; equal lengths keep dataset order (a stable sort).
+
+    Longest first, so the largest batch (the memory peak) comes at once, not at the end.
+    """
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def restore_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows predicted in ``order`` put back where they came from: ``out[order[k]] = values[k]``."""
+    out = np.empty_like(values)
+    out[order] = values
+    return out
+
+
+def evaluate(trainer, eval_features, rows: list[dict], settings, *, length_sorted: bool = True) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
-    # Decoding pairs logits with windows by position, so prediction must keep the dataset order.
+    lengths = [len(ids) for ids in eval_features["input_ids"]]
+    order = length_order(lengths) if length_sorted else None
+    if order is not None:
+        model_inputs = model_inputs.select(order)
+    # Decoding pairs logits with windows by position, so the sampler must keep the order given here.
     # transformers 5 also length-groups (shuffles) the eval sampler under group_by_length.
     strategy = trainer.args.train_sampling_strategy
     trainer.args.train_sampling_strategy = "sequential"
@@ -21,6 +49,12 @@ def evaluate(trainer, eval_features, rows: list[dict], settings) -> tuple[dict, 
     finally:
         trainer.args.train_sampling_strategy = strategy
     start_logits, end_logits = output.predictions[:2] if isinstance(output.predictions, tuple) else output.predictions
+    if order is not None:
+        start_logits, end_logits = restore_order(start_logits, order), restore_order(end_logits, order)
+    nonfinite = count_nonfinite(start_logits, end_logits, lengths)
+    if nonfinite:
+        # decoding treats NaN as -inf (job.decoding); say so, since it usually means a diverged model
+        log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
     predictions = decode_all(
         rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,
         n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
