@@ -52,7 +52,7 @@ def run(settings: Settings, ranks: Ranks) -> None:
                 publish.publish(staged, store)
             return
         train_split, eval_split = load_splits(settings, _policy(settings))
-        tokenizer, model = load_model(settings.model_name, settings.seed)
+        tokenizer, model = load_model(settings.model_name, settings.seed, settings.attention)
         features = build_features(settings, tokenizer, train_split, eval_split, store, ranks.is_writer)
         _check_stop(stop, lease)
         fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, model, features, train_split, eval_split)
@@ -62,7 +62,7 @@ def fine_tune_evaluate_publish(settings, ranks, store, stop, lease, tokenizer, m
     import torch
 
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
     resume = _restore(store, out, ranks, args)
