@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     # choice for the device (bench/RESULTS.md). A switch that cannot apply here (no CUDA, a GPU
     # before Ampere, a model without SDPA, no compiler) falls back with one log line, never an error.
     tf32: bool = Field(True, description="TF32 matmuls on Ampere and later GPUs")
-    fused_adamw: Literal["auto", "true", "false"] = Field("auto", description="fused AdamW kernel; auto = on CUDA")
+    fused_adamw: bool = Field(True, description="one fused kernel for the AdamW update (CUDA and CPU have it)")
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel; sdpa falls back to eager where the model lacks it")
     compile: Literal["auto", "true", "false"] = Field("auto", description="torch.compile; auto = on CUDA")
     pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")

@@ -74,7 +74,7 @@ def test_defaults_on_cpu_train_with_every_fallback_logged(tmp_path, tiny_model, 
 
 def test_fused_adamw_and_bf16_run_on_cpu(tmp_path, tiny_model, train_rows, caplog):
     caplog.set_level(logging.INFO, logger="job.train")
-    trainer, losses = run_steps(tmp_path, tiny_model, train_rows, "bf16", QA_FUSED_ADAMW="true", QA_PRECISION="bf16")
+    trainer, losses = run_steps(tmp_path, tiny_model, train_rows, "bf16", QA_PRECISION="bf16")
     assert trainer.args.optim == "adamw_torch_fused" and trainer.optimizer.defaults.get("fused") is True
     assert trainer.args.bf16 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
     # an emulating CPU says so in one line; one with AVX512-BF16/AMX says nothing
