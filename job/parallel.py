@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Callable, Iterable, Iterator
@@ -46,15 +47,21 @@ def _run(begin: int):
 
 
 @contextlib.contextmanager
-def _single_threaded_tokenizers():
-    # Set only while the workers fork, so they inherit it; this process keeps its own setting.
-    # Set before the fork (not in the worker) so the tokenizers library also skips its
-    # "process just got forked" warning.
+def _forking_workers():
+    # TOKENIZERS_PARALLELISM is set only while the workers fork, so they inherit it and this
+    # process keeps its own setting; set before the fork (not in the worker), the tokenizers
+    # library also skips its "process just got forked" warning.
+    # Python >= 3.12 warns on any fork of a process with threads (the job has its lease and
+    # upload threads). The risk is a lock held by one of them at the fork; the workers only run
+    # the tokenizer (single-threaded, see above), Python and Arrow code, and take none of those
+    # threads' locks, so the warning is silenced here and only here.
     name = "TOKENIZERS_PARALLELISM"
     before = os.environ.get(name)
     os.environ[name] = "false"
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*fork\(\) may lead to deadlocks", category=DeprecationWarning)
+            yield
     finally:
         if before is None:
             os.environ.pop(name, None)
@@ -76,7 +83,7 @@ def map_chunks(fn: Callable, begins: Iterable[int], workers: int, tokenizer, row
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                initializer=_init, initargs=(fn, tokenizer, rows, kwargs))
     try:
-        with _single_threaded_tokenizers():
+        with _forking_workers():
             futures = [pool.submit(_run, begins[0])]  # with fork, the first submit starts every worker
         futures += [pool.submit(_run, begin) for begin in begins[1:]]
         for future in futures:
