@@ -34,9 +34,16 @@ def restore_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
     return out
 
 
+def window_lengths(features) -> np.ndarray:
+    """Tokens per window, read from the Arrow column (turning it into Python lists takes seconds)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(features.with_format("arrow")["input_ids"]).to_numpy()
+
+
 def evaluate(trainer, eval_features, rows: list[dict], settings, *, length_sorted: bool = True) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
-    lengths = [len(ids) for ids in eval_features["input_ids"]]
+    lengths = window_lengths(eval_features)
     order = length_order(lengths) if length_sorted else None
     if order is not None:
         model_inputs = model_inputs.select(order)

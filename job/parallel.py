@@ -1,7 +1,8 @@
 """Map a function over chunks of data in forked worker processes, results in chunk order.
 
-Used for preprocessing: tokenizing and labelling is Python-bound (the tokenizer's Rust part is a
-minority of the time), so threads do not help and processes do. Workers are *forked*: they
+Used for preprocessing. The tokenizer spreads only its Rust encoding over threads; turning the
+encodings into Python lists, labelling and building Arrow tables run on one core under the GIL,
+so threads do not help and processes do. Workers are *forked*: they
 inherit the tokenizer and the rows without pickling, and start in milliseconds instead of the
 seconds a fresh interpreter takes to import transformers. Only the small task (a chunk's first
 row) goes to a worker and only its columns come back.
