@@ -41,6 +41,22 @@ def window_lengths(features) -> np.ndarray:
     return pc.list_value_length(features.with_format("arrow")["input_ids"]).to_numpy()
 
 
+def window_offsets(features) -> list[np.ndarray]:
+    """Each window's character offsets as an (n, 2) array, read from the Arrow column.
+
+    The same numbers ``features["offset_mapping"]`` gives as nested Python lists, which take
+    seconds to build for SQuAD's dev set; decoding reads either the same way.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = features.with_format("arrow")["offset_mapping"]
+    windows = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    pairs = windows.flatten().flatten().to_numpy().reshape(-1, 2)  # flatten() honours slices, .values would not
+    counts = pc.list_value_length(windows).to_numpy()
+    return np.split(pairs, np.cumsum(counts)[:-1])
+
+
 def evaluate(trainer, eval_features, rows: list[dict], settings, *, length_sorted: bool = True) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
     lengths = window_lengths(eval_features)
@@ -63,7 +79,8 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, *, length_sorte
         # decoding treats NaN as -inf (job.decoding); say so, since it usually means a diverged model
         log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
     predictions = decode_all(
-        rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,
+        rows, eval_features.with_format("arrow")["example_index"].to_numpy(), window_offsets(eval_features),
+        start_logits, end_logits,
         n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
         version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
     )

@@ -100,3 +100,12 @@ def test_non_finite_logits_are_reported(setup, dev_rows, caplog):
     evaluate(fake, features, dev_rows, settings)
     lines = [r for r in caplog.records if getattr(r, "event", None) == "nonfinite_logits"]
     assert len(lines) == 1 and lines[0].windows == 1 and lines[0].of == len(features)
+
+
+def test_window_offsets_are_the_offset_mapping(setup):
+    from job.evaluate import window_offsets
+
+    _, _, features = setup
+    subset = features.select([5, 0, 3])  # an indices mapping: the Arrow path must honour it
+    for got, expected in zip(window_offsets(subset), subset["offset_mapping"]):
+        assert got.tolist() == expected
