@@ -10,8 +10,9 @@
     the tutorial recipe, the job's CPU default (fused AdamW, SDPA, fp32, no compile, no workers),
     each switch flipped alone, and all switches on together. Interleaved rounds; steady state after ``--skip`` steps; compile seconds.
 (c) Evaluation (predict + decode) of the dev sample (all 6,823 questions by default) with a
-    briefly fine-tuned MiniLM: windows in dataset order (today) against longest first (new),
-    interleaved; positions computed; answers that differ, each with its scores and logit change.
+    briefly fine-tuned MiniLM: today's ``evaluate`` (dataset order, offsets as Python lists), the
+    new one in dataset order, and the new one (longest first), interleaved; positions computed;
+    answers that differ, each with its scores and logit change.
 
 Usage: python bench/speed.py [--only prep,train,eval] [--rounds 2] [--steps 20] [--eval-rounds 1] ...
 """
@@ -185,6 +186,27 @@ def bench_training(tokenizer, rows, args) -> None:
 
 # --- (c) evaluation ----------------------------------------------------------------------------
 
+def evaluate_today(trainer, eval_features, rows, settings):
+    """``job.evaluate.evaluate`` as it was before length-ordered prediction (main, 2026-11-28), to time it."""
+    from job.decoding import decode_all
+    from job.squad_metrics import squad_scores
+
+    model_inputs = eval_features.remove_columns(["example_index", "offset_mapping"])
+    strategy = trainer.args.train_sampling_strategy
+    trainer.args.train_sampling_strategy = "sequential"
+    try:
+        output = trainer.predict(model_inputs)
+    finally:
+        trainer.args.train_sampling_strategy = strategy
+    start_logits, end_logits = output.predictions[:2]
+    predictions = decode_all(
+        rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,
+        n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
+        version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
+    )
+    return squad_scores(rows, predictions, version_2=settings.squad_v2), predictions
+
+
 def computed_positions(lengths, order, batch) -> int:
     """Positions the model computes when windows go in ``order``, each batch padded to its longest."""
     return sum(max(lengths[i] for i in order[b:b + batch]) * len(order[b:b + batch]) for b in range(0, len(order), batch))
@@ -217,7 +239,8 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
         features = feature_dataset("eval", tokenizer, dev_rows, args.max_length, args.stride, workers=2)
         lengths = [len(x) for x in features["input_ids"]]
         batch = settings.eval_batch_size
-        positions = {"today: dataset order": computed_positions(lengths, list(range(len(lengths))), batch),
+        in_order = computed_positions(lengths, list(range(len(lengths))), batch)
+        positions = {"today: dataset order": in_order, "new, dataset order": in_order,
                      "new: longest first": computed_positions(lengths, length_order(lengths).tolist(), batch)}
         captured = {}
 
@@ -232,7 +255,10 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
             trainer.predict = keep
             try:
                 t = time.perf_counter()
-                scores, answers = evaluate(trainer, features, dev_rows, settings, length_sorted=name.startswith("new"))
+                if name.startswith("today"):
+                    scores, answers = evaluate_today(trainer, features, dev_rows, settings)
+                else:
+                    scores, answers = evaluate(trainer, features, dev_rows, settings, length_sorted=name.endswith("first"))
                 return time.perf_counter() - t, scores, answers
             finally:
                 del trainer.predict
@@ -255,7 +281,9 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
         wall = statistics.median(walls[name])
         print(f"| {name} | {wall:.1f} | {', '.join(f'{w:.1f}' for w in walls[name])} | {positions[name]:,} | "
               f"{100 * real / positions[name]:.1f}% | {base / wall:.2f}x |")
-    old, new = results[names[0]][1], results[names[1]][1]
+    old, new = results[names[0]][1], results[names[2]][1]
+    same_order = sum(results[names[1]][1][k] != v for k, v in old.items())
+    print(f"\nanswers that differ between today's evaluate and the new one in dataset order: {same_order} (must be 0)")
     changed = [row for row in dev_rows if old[row["id"]] != new[row["id"]]]
     print(f"\nanswers that differ between the two orders: {len(changed)} of {len(dev_rows):,}")
     if changed:
@@ -264,8 +292,8 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
         for f, ex in enumerate(features["example_index"]):
             by_example.setdefault(ex, []).append(f)
         start_old, end_old = captured[names[0]].predictions[:2]
-        start_new, end_new = (np.empty_like(a) for a in captured[names[1]].predictions[:2])
-        start_new[order], end_new[order] = captured[names[1]].predictions[0], captured[names[1]].predictions[1]
+        start_new, end_new = (np.empty_like(a) for a in captured[names[2]].predictions[:2])
+        start_new[order], end_new[order] = captured[names[2]].predictions[0], captured[names[2]].predictions[1]
         index = {row["id"]: i for i, row in enumerate(dev_rows)}
         for row in changed[:args.show]:
             fs = by_example[index[row["id"]]]
