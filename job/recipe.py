@@ -68,7 +68,8 @@ def probe_machine() -> Machine:
     import torch
 
     cuda = torch.cuda.is_available()
-    capability = torch.cuda.get_device_capability(0) if cuda else (0, 0)
+    # compute capabilities are NVIDIA's; a ROCm build reports its own numbers, and TF32 is a CUDA switch
+    capability = torch.cuda.get_device_capability(0) if cuda and torch.version.cuda else (0, 0)
     try:
         from torch.utils._triton import has_triton
 
