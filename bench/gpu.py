@@ -174,7 +174,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="folder for gpu.json / gpu.md (default: bench/results, or a temp folder with --smoke)")
     parser.add_argument("--rows", type=int, help="train-sample rows (default: all 15,304; 240 with --smoke)")
     parser.add_argument("--eval-rows", type=int, help="dev-sample rows for the evaluation rows (default: all; 60 with --smoke)")
-    parser.add_argument("--steps", type=int, help="job-recipe steps (default 400; 10 with --smoke)")
+    parser.add_argument("--steps", type=int, help="job-recipe steps (default 400; 24 with --smoke)")
     parser.add_argument("--tutorial-steps", type=int, help="tutorial-recipe steps (default 150; 6 with --smoke)")
     parser.add_argument("--skip", type=int, help="steps left out of the steady state (default 20; 3 with --smoke)")
     parser.add_argument("--batch", type=int, default=12, help="windows per step for both recipes (QA_BATCH_SIZE's default)")
@@ -185,7 +185,8 @@ def main() -> int:
     parser.add_argument("--budget", type=float, help="seconds for the whole run (default 420; 150 with --smoke)")
     args = parser.parse_args()
     smoke = args.smoke
-    defaults = dict(rows=240, eval_rows=60, steps=10, tutorial_steps=6, skip=3, batch_cap=32, budget=150.0) if smoke else \
+    # smoke: 24 steps run past the epoch's last, partial batch (250 windows / 12), a new batch size
+    defaults = dict(rows=240, eval_rows=60, steps=24, tutorial_steps=6, skip=3, batch_cap=32, budget=150.0) if smoke else \
         dict(rows=0, eval_rows=0, steps=400, tutorial_steps=150, skip=20, batch_cap=16384, budget=420.0)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -211,6 +212,7 @@ def main() -> int:
     from job.evaluate import evaluate
     from job.features import feature_dataset, preprocess_workers
     from job.settings import load_settings
+    from job.recipe import pad_to_multiple_of
     from job.train import compile_stats, load_model, resolve_precision
 
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"
@@ -261,6 +263,12 @@ def main() -> int:
         reset_peak(cuda)
         run = timed_train("job", trainer, steps, args.batch, args.skip)
         comp = compile_stats() if trainer.args.torch_compile else {}
+        if comp:
+            bucket = pad_to_multiple_of(cuda, True)
+            shapes = len({-(-n // bucket) * bucket for n in lengths})
+            notes.append(f"torch.compile: {comp['graphs']} graphs ({comp['graph_breaks']} graph breaks) for {run.steps} steps, "
+                         f"while the windows allow {shapes} distinct batch lengths (multiples of {bucket}): the length "
+                         "is compiled as a dynamic dimension after the second shape, not once per length")
         results.append(row("job", trainer.args, precision, run, peak_gib(cuda), comp, mean_len, mean_sq,
                            (n_params, layers, width), peak, FULL_SQUAD_WINDOWS))
         print_row(results[-1])
