@@ -3,8 +3,10 @@
 (a) Preprocessing of the train sample (all 15,304 rows by default), interleaved rounds: the bare
     tokenizer call (``job.features.tokenize`` on the same 1,000-row chunks, nothing else); today's
     path (``train_features`` then ``Dataset.from_dict``, what ``build_features`` did before
-    ``QA_PREPROCESS_WORKERS``); and ``feature_dataset`` with 1 and 2 workers. Wall and CPU
-    seconds (this process and its workers), and a check that every variant gives the same table.
+    ``QA_PREPROCESS_WORKERS``); ``feature_dataset`` with 1 and 2 workers; and with 1 worker whose
+    tokenizer runs on one thread (as each of the 2 workers does), which shows how much of the
+    serial path the tokenizer's own threads already spread. Wall and CPU seconds (this process
+    and its workers), and a check that every variant gives the same table.
 (b) Training, real (non-pad) tokens/s, MiniLM with a seeded fresh QA head, the real ``Trainer``:
     today's recipe (the defaults before this change: fused AdamW, 2 DataLoader workers, fp32),
     the tutorial recipe, the job's CPU default (fused AdamW, SDPA, fp32, no compile, no workers),
@@ -62,11 +64,22 @@ def bench_preprocessing(tokenizer, rows, args) -> None:
         return sum(len(tokenize(tokenizer, rows[b:b + CHUNK], args.max_length, args.stride)["input_ids"])
                    for b in range(0, len(rows), CHUNK))
 
+    def one_thread(fn):
+        def run():  # the Rust tokenizer reads the variable at every call
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                return fn()
+            finally:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        return run
+
     variants = {
         "bare tokenizer (tokenize() per 1,000 rows)": bare,
         "today: train_features + Dataset.from_dict": lambda: datasets.Dataset.from_dict(train_features(tokenizer, rows, args.max_length, args.stride)),
         "feature_dataset, 1 worker": lambda: feature_dataset("train", tokenizer, rows, args.max_length, args.stride, workers=1),
         "feature_dataset, 2 workers": lambda: feature_dataset("train", tokenizer, rows, args.max_length, args.stride, workers=2),
+        "feature_dataset, 1 worker, tokenizer on one thread": one_thread(
+            lambda: feature_dataset("train", tokenizer, rows, args.max_length, args.stride, workers=1)),
     }
     names = list(variants)
     runs = {n: [] for n in names}
@@ -82,7 +95,7 @@ def bench_preprocessing(tokenizer, rows, args) -> None:
             print(f"  [load {before_load}] {name:44s} {wall:6.2f} s wall, {cpu:6.2f} s CPU", flush=True)
     tables = [outputs[n].data.table for n in names[1:]]
     same = all(t.equals(tables[0]) for t in tables[1:])
-    print(f"  the three job variants give the same table: {same} ({len(tables[0]):,} windows; bare tokenizer: {outputs[names[0]]:,})")
+    print(f"  the job variants give the same table: {same} ({len(tables[0]):,} windows; bare tokenizer: {outputs[names[0]]:,})")
     base = statistics.median(w for w, _ in runs["feature_dataset, 1 worker"])
     bare_t = statistics.median(w for w, _ in runs[names[0]])
     print("\n| variant | median wall s | rows/s | CPU s (median) | speed vs 1 worker | speed vs bare tokenizer |")
