@@ -8,7 +8,8 @@ SQuAD rows from ``../shared/data``. On the same card, in one run:
 - the job's recipe, exactly as ``python -m job`` builds it with default settings (``auto``
   precision, TF32, fused AdamW, SDPA, torch.compile, pinned memory, DataLoader workers, stride
   windows padded per batch in multiples of 8, group_by_length);
-- the tutorial recipe: one window per example padded to 384, fp32, no stride, random order.
+- the tutorial recipe: one window per example padded to 384, fp32, no stride, random order;
+- the job's recipe again without torch.compile, to show what compiling buys.
 
 For each: real (non-pad) tokens/s and windows/s in steady state, model FLOPs utilisation against
 the card's dense bf16 peak, peak memory, time to compile, and the projected wall time of 2 epochs
@@ -310,6 +311,21 @@ def main() -> int:
         gc.collect()
         reset_peak(cuda)
 
+        # what compilation buys: the job's recipe again, eager (QA_COMPILE=false), if there is time
+        if deadline.left() > 90:
+            steps = Steps()
+            _, model = load_model(str(model_dir), 42)
+            trainer, _ = job_trainer(model, tokenizer, windows, tmp, {**env, "QA_COMPILE": "false"}, precision,
+                                     [steps.callback()])
+            reset_peak(cuda)
+            run = timed_train("job, eager", trainer, steps, args.batch, args.skip)
+            results.append(row("job, eager", trainer.args, precision, run, peak_gib(cuda), {}, mean_len, mean_sq,
+                               (n_params, layers, width), peak, FULL_SQUAD_WINDOWS))
+            print_row(results[-1])
+            del trainer, model
+            gc.collect()
+            reset_peak(cuda)
+
         fit = largest_batch(model_dir, precision, args.max_length, args.batch_cap, cuda, deadline,
                             simulated_limit=20 if smoke else None)
         results[0]["largest_batch"] = fit["largest_batch"]
@@ -344,13 +360,13 @@ def row(recipe, trainer_args, precision, run, peak_mem, comp, mean_len, mean_sq,
     rate = run.steady_tokens_per_s
     projected = EPOCHS * full_windows * mean_len / rate + first_and_compile if rate > 0 else None
     return {
-        "recipe": recipe, "precision": precision, "compile": bool(trainer_args.torch_compile),
+        "recipe": recipe, "precision": precision, "compiled": bool(trainer_args.torch_compile),
         "tf32": bool(trainer_args.tf32), "optim": str(trainer_args.optim), "batch": run.batch, "steps": run.steps,
         "tokens_per_s": round(run.steady_tokens_per_s, 1), "windows_per_s": round(run.steady_windows_per_s, 2),
         "model_tflops_per_s": round(achieved / 1e12, 3),
         "mfu": round(achieved / (peak * 1e12), 4) if peak else None,
         "peak_memory_gib": round(peak_mem, 2) if peak_mem is not None else None,
-        "first_steps_s": round(first_and_compile, 1), "compile": comp or None,
+        "first_steps_s": round(first_and_compile, 1), "compile_stats": comp or None,
         "projected_2_epochs_min": round(projected / 60, 1) if projected else None,
         "largest_batch": None,
     }
@@ -359,7 +375,7 @@ def row(recipe, trainer_args, precision, run, peak_mem, comp, mean_len, mean_sq,
 def print_row(r: dict) -> None:
     print(f"  {r['recipe']:9s} {r['tokens_per_s']:>10,.0f} real tok/s, {r['windows_per_s']:8.1f} windows/s, "
           f"MFU {r['mfu'] if r['mfu'] is not None else 'n/a'}, peak {r['peak_memory_gib']} GiB, "
-          f"first steps {r['first_steps_s']} s, compile {r['compile']}, 2 epochs {r['projected_2_epochs_min']} min", flush=True)
+          f"first steps {r['first_steps_s']} s, compile {r['compile_stats']}, 2 epochs {r['projected_2_epochs_min']} min", flush=True)
 
 
 def markdown(report: dict) -> str:
@@ -373,9 +389,9 @@ def markdown(report: dict) -> str:
              "| recipe | precision | compile | real tokens/s | windows/s | MFU | peak memory GiB | first steps (incl. compile) s | compile | projected 2 epochs, full SQuAD | largest batch |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |"]
     for r in report["results"]:
-        comp = r["compile"]
+        comp = r["compile_stats"]
         comp_text = f"{comp.get('graphs')} graphs, {comp.get('compile_seconds')} s" if comp else "-"
-        lines.append(f"| {r['recipe']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r['recipe']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} | {r['tokens_per_s']:,.0f} | "
                      f"{r['windows_per_s']:,.1f} | {cell(r['mfu'], '{:.1%}')} | {cell(r['peak_memory_gib'])} | "
                      f"{r['first_steps_s']} | {comp_text} | {cell(r['projected_2_epochs_min'], '{} min')} | "
                      f"{cell(r['largest_batch'])} |")
