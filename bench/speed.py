@@ -10,7 +10,8 @@
 (b) Training, real (non-pad) tokens/s, MiniLM with a seeded fresh QA head, the real ``Trainer``:
     today's recipe (the defaults before this change: fused AdamW, 2 DataLoader workers, fp32),
     the tutorial recipe, the job's CPU default (fused AdamW, SDPA, fp32, no compile, no workers),
-    each switch flipped alone, and all switches on together. Interleaved rounds; steady state after ``--skip`` steps; compile seconds.
+    each switch flipped alone, and all switches on together, each in pairs with the CPU default
+    (ratios within a pair); steady state after ``--skip`` steps; compile graphs and seconds.
 (c) Evaluation (predict + decode) of the dev sample (all 6,823 questions by default) with a
     briefly fine-tuned MiniLM: today's ``evaluate`` (dataset order, offsets as Python lists), the
     new one in dataset order, and the new one (longest first), interleaved; positions computed;
@@ -127,6 +128,9 @@ def training_variants(bf16_native: bool) -> dict[str, tuple[dict, str]]:
     }
 
 
+BASELINE = "job CPU default (auto)"
+
+
 def train_once(name, env, precision, windows_job, windows_tut, args, tmp: Path):
     import datasets
     import torch
@@ -136,7 +140,8 @@ def train_once(name, env, precision, windows_job, windows_tut, args, tmp: Path):
     model_path = str(minilm_path())
     compiled = env.get("QA_COMPILE") == "true"
     if compiled:
-        torch._dynamo.reset()  # every compiled run starts from nothing: its graphs and seconds are its own
+        torch._dynamo.reset()  # every compiled run compiles from nothing (the on-disk cache stays)
+    before = compile_stats()  # process totals: the run's own are the difference
     tokenizer, model = load_model(model_path, 42, env.get("QA_ATTENTION", "sdpa"))  # same fresh head every run
     steps = Steps()
     out = tmp / f"run-{time.monotonic_ns()}"
@@ -148,13 +153,18 @@ def train_once(name, env, precision, windows_job, windows_tut, args, tmp: Path):
                    "QA_LEARNING_RATE": str(args.lr), "QA_SEED": "42", "QA_PRECISION": precision, **env}
         trainer, _ = job_trainer(model, tokenizer, datasets.Dataset.from_dict(windows_job), out, run_env, precision,
                                  [steps.callback()])
+    c0 = cpu_seconds()
     run = timed_train(name, trainer, steps, args.batch, args.skip)
+    run.extra["cpu_s"] = cpu_seconds() - c0
     if compiled:
-        run.extra = compile_stats()
+        after = compile_stats()
+        run.extra["compile"] = {k: round(after[k] - before.get(k, 0), 1) for k in after}
     return run
 
 
 def bench_training(tokenizer, rows, args) -> None:
+    """Each variant runs in pairs with the job's CPU default, back to back, the order alternating:
+    the machine's load drifts over minutes, so only a ratio taken within a pair is trusted."""
     from job.features import train_features
     from job.train import cpu_has_bf16
 
@@ -162,39 +172,48 @@ def bench_training(tokenizer, rows, args) -> None:
     windows_tut = tutorial_features(tokenizer, rows, args.max_length)
     job_share, tut_share, mean_len = epoch_token_shares(windows_job, windows_tut, args.batch)
     variants = training_variants(cpu_has_bf16())
-    names = list(variants)
-    print(f"\n(b) training, MiniLM on CPU, {args.steps} optimizer steps x batch {args.batch}, {args.rounds} interleaved "
-          f"round(s), steady state after step {args.skip}")
+    others = [n for n in variants if n != BASELINE]
+    print(f"\n(b) training, MiniLM on CPU, {args.steps} optimizer steps x batch {args.batch}, each variant in "
+          f"{args.rounds} pair(s) with the job's CPU default, steady state after step {args.skip}")
     print(f"  data: {len(rows)} rows -> job {len(windows_job['input_ids'])} windows (mean {mean_len:.0f} tokens), "
           f"tutorial {len(windows_tut['input_ids'])} windows of {args.max_length}; whole-epoch real-token share: "
           f"job {100 * job_share:.1f}%, tutorial {100 * tut_share:.1f}%")
-    results = {n: [] for n in names}
+    runs = {n: [] for n in variants}
+    ratios = {n: [] for n in others}
     with tempfile.TemporaryDirectory(prefix="bench-speed-") as tmp:
         if args.warmup_steps:  # one-time costs (imports, thread pools, allocator) land on no variant
             warm = argparse.Namespace(**{**vars(args), "steps": args.warmup_steps})
             train_once("warm-up", {}, "fp32", windows_job, windows_tut, warm, Path(tmp))
         for r in range(args.rounds):
-            for name in (names if r % 2 == 0 else names[::-1]):
-                env, precision = variants[name]
-                before = load()
-                run = train_once(name, env, precision, windows_job, windows_tut, args, Path(tmp))
-                results[name].append(run)
-                extra = f", compile {run.extra}" if run.extra else ""
-                print(f"  [load {before}] {name:40s} train() {run.wall:6.1f} s, {run.real_tokens} real tokens, "
-                      f"{run.tokens_per_s:6.0f} tok/s, steady {run.steady_tokens_per_s:6.0f} tok/s, "
-                      f"first {args.skip} steps {run.first_steps_s:5.1f} s{extra}", flush=True)
-    base = statistics.median(r.steady_tokens_per_s for r in results["job CPU default (auto)"])
-    today = statistics.median(r.steady_tokens_per_s for r in results["today (defaults before this change)"])
-    tut = statistics.median(r.steady_tokens_per_s for r in results["tutorial"])
-    print("\n| recipe | steady real tok/s (median) | runs | vs job CPU default | vs today | vs tutorial | first steps s (round 1) | compile (round 1) |")
-    print("| --- | ---: | --- | ---: | ---: | ---: | ---: | --- |")
-    for name in names:
-        runs = results[name]
-        rate = statistics.median(r.steady_tokens_per_s for r in runs)
-        first = runs[0]
-        comp = (f"{first.extra.get('graphs')} graphs, {first.extra.get('compile_seconds')} s" if first.extra else "")
-        print(f"| {name} | {rate:,.0f} | {', '.join(f'{r.steady_tokens_per_s:,.0f}' for r in runs)} | {rate / base:.2f}x | "
-              f"{rate / today:.2f}x | {rate / tut:.2f}x | {first.first_steps_s:.1f} | {comp} |")
+            for i, name in enumerate(others):
+                pair = (BASELINE, name) if (r + i) % 2 == 0 else (name, BASELINE)
+                got = {}
+                for which in pair:
+                    env, precision = variants[which]
+                    before = load()
+                    run = train_once(which, env, precision, windows_job, windows_tut, args, Path(tmp))
+                    got[which] = run
+                    runs[which].append(run)
+                    comp = f", compile {run.extra['compile']}" if "compile" in run.extra else ""
+                    print(f"  [load {before}] {which:40s} train() {run.wall:6.1f} s, {run.extra['cpu_s']:6.1f} CPU s, "
+                          f"steady {run.steady_tokens_per_s:6.0f} real tok/s, first {args.skip} steps "
+                          f"{run.first_steps_s:5.1f} s{comp}", flush=True)
+                ratios[name].append(got[name].steady_tokens_per_s / got[BASELINE].steady_tokens_per_s)
+    today = statistics.median(ratios["today (defaults before this change)"])
+    tut = statistics.median(ratios["tutorial"])
+    print(f"\n| recipe | steady real tok/s (median of its runs) | vs job CPU default (median of pairs) | pairs | "
+          f"vs today | vs tutorial | real tokens per CPU s | first {args.skip} steps s (first run) | compile (first run) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
+    for name in variants:
+        rate = statistics.median(r.steady_tokens_per_s for r in runs[name])
+        ratio = 1.0 if name == BASELINE else statistics.median(ratios[name])
+        pairs = "" if name == BASELINE else ", ".join(f"{x:.2f}" for x in ratios[name])
+        per_cpu = statistics.median(r.real_tokens / r.extra["cpu_s"] for r in runs[name])
+        first = runs[name][0]
+        comp = first.extra.get("compile")
+        comp_text = f"{comp.get('graphs'):.0f} graphs, {comp.get('compile_seconds')} s" if comp else ""
+        print(f"| {name} | {rate:,.0f} | {ratio:.2f}x | {pairs} | {ratio / today:.2f}x | {ratio / tut:.2f}x | "
+              f"{per_cpu:,.0f} | {first.first_steps_s:.1f} | {comp_text} |")
 
 
 # --- (c) evaluation ----------------------------------------------------------------------------
@@ -333,7 +352,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-5)
-    parser.add_argument("--rounds", type=int, default=2, help="training rounds; each runs every variant")
+    parser.add_argument("--rounds", type=int, default=2, help="training pairs per variant (variant and CPU default)")
     parser.add_argument("--skip", type=int, default=3, help="steps left out of the steady state (warm-up, compilation)")
     parser.add_argument("--warmup-steps", type=int, default=2, help="untimed job-recipe steps before measuring")
     parser.add_argument("--eval-rows", type=int, default=0, help="dev-sample rows for (c); 0 = all")
