@@ -317,15 +317,19 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
     same_order = sum(results[names[1]][1][k] != v for k, v in old.items())
     print(f"\nanswers that differ between today's evaluate and the new one in dataset order: {same_order} (must be 0)")
     changed = [row for row in dev_rows if old[row["id"]] != new[row["id"]]]
-    print(f"\nanswers that differ between the two orders: {len(changed)} of {len(dev_rows):,}")
+    order = length_order(lengths)
+    start_old, end_old = captured[names[0]].predictions[:2]
+    start_new, end_new = (np.empty_like(a) for a in captured[names[2]].predictions[:2])
+    start_new[order], end_new[order] = captured[names[2]].predictions[0], captured[names[2]].predictions[1]
+    change = np.array([max(float(np.abs(start_old[f][:n] - start_new[f][:n]).max()),
+                           float(np.abs(end_old[f][:n] - end_new[f][:n]).max())) for f, n in enumerate(lengths)])
+    print(f"\nwindows whose logits are not bit-identical between the two orders: {int((change > 0).sum()):,} of "
+          f"{len(change):,}; largest change {change.max():.2e}, median of the changed {np.median(change[change > 0]) if (change > 0).any() else 0:.2e}")
+    print(f"answers that differ between the two orders: {len(changed)} of {len(dev_rows):,}")
     if changed:
-        order = length_order(lengths)
         by_example = {}
         for f, ex in enumerate(features["example_index"]):
             by_example.setdefault(ex, []).append(f)
-        start_old, end_old = captured[names[0]].predictions[:2]
-        start_new, end_new = (np.empty_like(a) for a in captured[names[2]].predictions[:2])
-        start_new[order], end_new[order] = captured[names[2]].predictions[0], captured[names[2]].predictions[1]
         index = {row["id"]: i for i, row in enumerate(dev_rows)}
         for row in changed[:args.show]:
             fs = by_example[index[row["id"]]]
