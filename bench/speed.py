@@ -162,6 +162,34 @@ def train_once(name, env, precision, windows_job, windows_tut, args, tmp: Path):
     return run
 
 
+def bench_optimizer_step(reps: int = 8) -> None:
+    """One AdamW step over MiniLM's parameters alone, each implementation interleaved: the part of a
+    training step ``QA_FUSED_ADAMW`` changes, measured without the noise of the whole step."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering
+
+    params = list(AutoModelForQuestionAnswering.from_pretrained(str(minilm_path())).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    kinds = {"fused (QA_FUSED_ADAMW=true)": dict(fused=True),
+             "torch default: for-loop on CPU (QA_FUSED_ADAMW=false)": {},
+             "foreach": dict(foreach=True)}
+    optimizers = {k: torch.optim.AdamW(params, lr=1e-5, **kw) for k, kw in kinds.items()}
+    times = {k: [] for k in kinds}
+    for opt in optimizers.values():
+        opt.step()  # state allocated outside the timing
+    for r in range(reps):
+        for k in (list(kinds) if r % 2 == 0 else list(kinds)[::-1]):
+            t = time.perf_counter()
+            optimizers[k].step()
+            times[k].append(time.perf_counter() - t)
+    fused = statistics.median(times[next(iter(kinds))])
+    print(f"\n(b0) one AdamW step over MiniLM's {sum(p.numel() for p in params) / 1e6:.1f}M parameters, {reps} interleaved "
+          f"repetitions, {torch.get_num_threads()} threads, load {load()}:")
+    for k, t in times.items():
+        print(f"  {k:55s} {1000 * statistics.median(t):7.1f} ms (median)  {statistics.median(t) / fused:5.2f}x the fused time")
+
+
 def bench_training(tokenizer, rows, args) -> None:
     """Each variant runs in pairs with the job's CPU default, back to back, the order alternating:
     the machine's load drifts over minutes, so only a ratio taken within a pair is trusted."""
@@ -201,6 +229,11 @@ def bench_training(tokenizer, rows, args) -> None:
                 ratios[name].append(got[name].steady_tokens_per_s / got[BASELINE].steady_tokens_per_s)
     today = statistics.median(ratios["today (defaults before this change)"])
     tut = statistics.median(ratios["tutorial"])
+    base = [r.steady_tokens_per_s for r in runs[BASELINE]]
+    adjacent = [max(a, b) / min(a, b) for a, b in zip(base, base[1:])]
+    print(f"\n  noise floor: the job's CPU default alone ran at {min(base):,.0f}-{max(base):,.0f} real tok/s over "
+          f"{len(base)} runs; two of its consecutive runs differ by {statistics.median(adjacent):.2f}x (median), "
+          f"{max(adjacent):.2f}x at most. A pair ratio closer to 1 than that is no effect.")
     print(f"\n| recipe | steady real tok/s (median of its runs) | vs job CPU default (median of pairs) | pairs | "
           f"vs today | vs tutorial | real tokens per CPU s | first {args.skip} steps s (first run) | compile (first run) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | --- |")
@@ -376,6 +409,7 @@ def main() -> int:
     if "prep" in sections:
         bench_preprocessing(tokenizer, train_rows[:args.prep_rows or None], args)
     if "train" in sections:
+        bench_optimizer_step()
         bench_training(tokenizer, train_rows[:args.rows], args)
     if "eval" in sections:
         bench_eval(tokenizer, train_rows, read_rows(dev_path, args.eval_rows or None), args)
