@@ -2,6 +2,19 @@
 
 Pure functions over logits and character offsets: no model, tokenizer or I/O, so evaluation and
 the answering entry point decode identically and tests can drive them with hand-made numbers.
+
+Non-finite logits (a diverged run, an fp16 overflow) are handled by one rule, not by whatever
+``argsort`` and ``min`` happen to do with them:
+
+- NaN means "no evidence": it counts as -inf, so it never takes an n-best slot from a number,
+  never becomes the answer and never becomes the null score (left alone, ``argsort`` ranks NaN
+  *first* and it crowded real candidates out of the n-best).
+- +inf and -inf are ordinary, extreme scores: +inf beats every number, -inf never qualifies (a span
+  must beat -inf strictly). A span or null score of ``+inf + -inf`` is NaN and counts as -inf.
+- An example whose every candidate is non-finite gets the empty answer, as one with no window does.
+
+Finite logits decode exactly as before (same n-best, same tie-breaking); ``count_nonfinite`` lets
+the caller report how many windows needed the rule.
 """
 from __future__ import annotations
 
@@ -32,10 +45,10 @@ def decode_answer(windows: Iterable[tuple[Sequence[float], Sequence[float], Sequ
     """
     best_score, best_span, null_score = -np.inf, None, np.inf
     for start_logits, end_logits, offsets in windows:
-        start_logits, end_logits = np.asarray(start_logits), np.asarray(end_logits)
+        start_logits, end_logits = _no_nan(start_logits), _no_nan(end_logits)
         offsets = np.asarray(offsets).reshape(-1, 2)
         n = min(len(start_logits), len(offsets))
-        null_score = min(null_score, float(start_logits[cls_index] + end_logits[cls_index]))
+        null_score = min(null_score, _sum(start_logits[cls_index], end_logits[cls_index]))
         starts = np.argsort(start_logits[:n])[::-1][:n_best]
         ends = np.argsort(end_logits[:n])[::-1][:n_best]
         for s in starts:
@@ -44,12 +57,33 @@ def decode_answer(windows: Iterable[tuple[Sequence[float], Sequence[float], Sequ
             for e in ends:
                 if offsets[e][0] < 0 or e < s or e - s + 1 > max_answer_length:
                     continue
-                score = float(start_logits[s] + end_logits[e])
+                score = _sum(start_logits[s], end_logits[e])
                 if score > best_score:
                     best_score, best_span = score, (int(offsets[s][0]), int(offsets[e][1]))
     if best_span is None or (version_2 and null_score - best_score > null_threshold):
         return Answer("", -1, -1, best_score, null_score)
     return Answer(context[best_span[0]:best_span[1]], best_span[0], best_span[1], best_score, null_score)
+
+
+def _no_nan(logits) -> np.ndarray:
+    """The logits with NaN replaced by -inf; finite arrays pass through untouched (no copy)."""
+    logits = np.asarray(logits)
+    nan = np.isnan(logits)
+    return np.where(nan, -np.inf, logits) if nan.any() else logits
+
+
+def _sum(a, b) -> float:
+    total = float(a + b)
+    return -np.inf if total != total else total  # +inf + -inf is NaN: no evidence, as NaN itself
+
+
+def count_nonfinite(start_logits, end_logits, lengths: Sequence[int]) -> int:
+    """Windows with a NaN or infinite logit among their first ``lengths[i]`` positions (the rest is padding)."""
+    count = 0
+    for start, end, n in zip(start_logits, end_logits, lengths):
+        if not (np.isfinite(start[:n]).all() and np.isfinite(end[:n]).all()):
+            count += 1
+    return count
 
 
 def decode_all(rows: Sequence[dict], example_index: Sequence[int], offsets: Sequence, start_logits, end_logits,

@@ -1,11 +1,19 @@
-"""Evaluate: predict logits for every window, decode n-best answers per example, score EM/F1."""
+"""Evaluate: predict logits for every window, decode n-best answers per example, score EM/F1.
+
+Windows are predicted longest first and the logits put back in dataset order before decoding.
+In dataset order most batches of 64 hold one long window and are padded to it; sorted, each
+batch is padded only to its own longest, so the model computes about half the positions on
+SQuAD. The answers are the ones dataset order gives, up to the last bits of the logits: the
+matmuls see other batch shapes, which can flip a near-tie between two spans (RESULTS.md counts it).
+"""
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 from transformers import TrainerCallback
 
-from job.decoding import decode_all
+from job.decoding import count_nonfinite, decode_all
 from job.squad_metrics import squad_scores
 
 log = logging.getLogger(__name__)
@@ -22,10 +30,52 @@ class _StopBetweenBatches(TrainerCallback):
         self.stop.check()
 
 
-def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None,
-             during_training: bool = False) -> tuple[dict, dict[str, str]]:
+def length_order(lengths) -> np.ndarray:
+    """Window indices longest first; equal lengths keep dataset order (a stable sort).
+
+    Longest first, so the largest batch (the memory peak) comes at once, not at the end.
+    """
+    return np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+
+
+def restore_order(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows predicted in ``order`` put back where they came from: ``out[order[k]] = values[k]``."""
+    out = np.empty_like(values)
+    out[order] = values
+    return out
+
+
+def window_lengths(features) -> np.ndarray:
+    """Tokens per window, read from the Arrow column (turning it into Python lists takes seconds)."""
+    import pyarrow.compute as pc
+
+    return pc.list_value_length(features.with_format("arrow")["input_ids"]).to_numpy()
+
+
+def window_offsets(features) -> list[np.ndarray]:
+    """Each window's character offsets as an (n, 2) array, read from the Arrow column.
+
+    The same numbers ``features["offset_mapping"]`` gives as nested Python lists, which take
+    seconds to build for SQuAD's dev set; decoding reads either the same way.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    column = features.with_format("arrow")["offset_mapping"]
+    windows = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    pairs = windows.flatten().flatten().to_numpy().reshape(-1, 2)  # flatten() honours slices, .values would not
+    counts = pc.list_value_length(windows).to_numpy()
+    return np.split(pairs, np.cumsum(counts)[:-1])
+
+
+def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None, *, during_training: bool = False,
+             length_sorted: bool = True) -> tuple[dict, dict[str, str]]:
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
-    # Decoding pairs logits with windows by position, so prediction must keep the dataset order.
+    lengths = window_lengths(eval_features)
+    order = length_order(lengths) if length_sorted else None
+    if order is not None:
+        model_inputs = model_inputs.select(order)
+    # Decoding pairs logits with windows by position, so the sampler must keep the order given here.
     # transformers 5 also length-groups (shuffles) the eval sampler under group_by_length.
     strategy = trainer.args.train_sampling_strategy
     trainer.args.train_sampling_strategy = "sequential"
@@ -39,8 +89,15 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None,
         if watch is not None:
             trainer.remove_callback(watch)
     start_logits, end_logits = output.predictions[:2] if isinstance(output.predictions, tuple) else output.predictions
+    if order is not None:
+        start_logits, end_logits = restore_order(start_logits, order), restore_order(end_logits, order)
+    nonfinite = count_nonfinite(start_logits, end_logits, lengths)
+    if nonfinite:
+        # decoding treats NaN as -inf (job.decoding); say so, since it usually means a diverged model
+        log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
     predictions = decode_all(
-        rows, eval_features["example_index"], eval_features["offset_mapping"], start_logits, end_logits,
+        rows, eval_features.with_format("arrow")["example_index"].to_numpy(), window_offsets(eval_features),
+        start_logits, end_logits,
         n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
         version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
     )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from job.errors import DataError
-from job.features import eval_features, train_features
+from job.features import feature_dataset, preprocess_workers
 from job.storage import NotFound, sha256_file
 
 log = logging.getLogger(__name__)
@@ -68,15 +68,13 @@ def build_features(settings, tokenizer, train, evals, store, is_writer: bool) ->
 
 
 def _build(settings, tokenizer, train, evals, local: Path) -> None:
-    import datasets
-
     local.mkdir(parents=True, exist_ok=True)
     (local / MANIFEST).unlink(missing_ok=True)
-    tr = train_features(tokenizer, train.rows, settings.max_length, settings.doc_stride)
-    ev = eval_features(tokenizer, evals.rows, settings.max_length, settings.doc_stride)
-    for cols, name in ((tr, NAMES[0]), (ev, NAMES[1])):
+    workers = preprocess_workers(settings)  # the same features whatever the count (tests/test_parallel.py)
+    for kind, split, name in (("train", train, NAMES[0]), ("eval", evals, NAMES[1])):
+        dataset = feature_dataset(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers)
         tmp = local / f".{name}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
-        datasets.Dataset.from_dict(cols).to_parquet(str(tmp))
+        dataset.to_parquet(str(tmp))
         tmp.replace(local / name)
     manifest = {name: {"size": (local / name).stat().st_size, "sha256": sha256_file(local / name)} for name in NAMES}
     tmp = local / f".{MANIFEST}.{os.getpid()}.tmp"

@@ -26,7 +26,7 @@ from pathlib import Path
 # Settings with no effect on the weights or the scores.
 NEUTRAL_SETTINGS = frozenset({
     "run_id", "output_uri", "work_dir", "s3_endpoint_url", "s3_region",
-    "dataloader_workers", "preprocess_workers", "logging_steps", "log_format", "report_to",
+    "dataloader_workers", "preprocess_workers", "pin_memory", "logging_steps", "log_format", "report_to",
     "checkpoint_steps", "checkpoint_minutes", "checkpoints_to_keep", "stop_grace_seconds", "lease_seconds",
     "storage_attempts", "storage_backoff_seconds", "storage_timeout_seconds",
     # evaluation during training watches the weights without changing them (tested bit for bit)

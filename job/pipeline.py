@@ -105,7 +105,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
         return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
     ctx.check_stop()
-    tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed)
+    tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed, settings.attention)
     check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
     ctx.check_stop()
@@ -118,7 +118,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
 
     settings, ranks, store, stop, lease = ctx.settings, ctx.ranks, ctx.store, ctx.stop, ctx.lease
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
     resume = _restore(store, out, ranks, args)

@@ -81,7 +81,6 @@ class Settings(BaseSettings):
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range: a larger one fails deep in set_seed
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     group_by_length: bool = True
-    dataloader_workers: int = Field(2, ge=0, le=64)
     logging_steps: PositiveInt = 50
 
     # watching a run: trackers, evaluation during training, log format
@@ -89,6 +88,17 @@ class Settings(BaseSettings):
     eval_steps: int = Field(0, ge=0, description="EM/F1 every N steps (and before the first); 0 = only at the end")
     eval_samples_during_training: int = Field(1000, ge=0, description="eval examples used during training; 0 = all")
     log_format: Literal["auto", "json", "text"] = "auto"
+
+    # speed: the GPU recipe and parallel preprocessing (job/recipe.py). "auto" is the measured
+    # choice for the device (bench/RESULTS.md). A switch that cannot apply here (no CUDA, a GPU
+    # before Ampere, a model without SDPA, no compiler) falls back with one log line, never an error.
+    tf32: bool = Field(True, description="TF32 matmuls on Ampere and later GPUs")
+    fused_adamw: bool = Field(True, description="one fused kernel for the AdamW update (CUDA and CPU have it)")
+    attention: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel; sdpa falls back to eager where the model lacks it")
+    compile: Literal["auto", "true", "false"] = Field("auto", description="torch.compile; auto = on CUDA")
+    pin_memory: bool = Field(True, description="page-locked batches for faster host-to-GPU copies (CUDA only)")
+    dataloader_workers: int | Literal["auto"] = Field("auto", description="DataLoader processes; auto = up to 4 on CUDA, 0 on CPU")
+    preprocess_workers: PositiveInt | None = Field(None, le=64, description="tokenizing processes; unset = usable CPUs, at most 8")
 
     # checkpoints, preemption and the run lease
     checkpoint_steps: int = Field(500, ge=0, description="0 = no step-based checkpoints")
@@ -119,6 +129,19 @@ class Settings(BaseSettings):
         # load_settings hands the environment in as keyword arguments, after checking for
         # unknown QA_ names; reading os.environ again here would bypass that check.
         return (init_settings,)
+
+    @field_validator("dataloader_workers", mode="before")
+    @classmethod
+    def _auto_or_count(cls, v):
+        if v == "auto":
+            return v
+        try:
+            n = int(v)
+        except (TypeError, ValueError):
+            n = -1
+        if not 0 <= n <= 64:
+            raise ValueError("must be auto or a number of processes from 0 to 64")
+        return n
 
     @field_validator("run_id")
     @classmethod

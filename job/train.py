@@ -1,4 +1,4 @@
-"""Fine-tune with the transformers ``Trainer``: precision, per-batch padding, progress lines, resume."""
+"""Fine-tune with the transformers ``Trainer``: precision, the speed recipe, per-batch padding, progress lines, resume."""
 from __future__ import annotations
 
 import logging
@@ -14,6 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from job.errors import ConfigError, StorageUnavailable
 from job.logs import resolve_format
 from job.tracking import trainer_integrations
+from job.recipe import Recipe, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,13 @@ def resolve_precision(setting: str, cuda: bool, bf16_supported: bool) -> str:
     return setting
 
 
-def load_model(model_name: str, seed: int):
-    """Tokenizer and QA model; a missing local path is a configuration error, an unreachable hub exit 75."""
+def load_model(model_name: str, seed: int, attention: str = "sdpa"):
+    """Tokenizer and QA model; a missing local path is a configuration error, an unreachable hub exit 75.
+
+    ``attention="sdpa"`` (``QA_ATTENTION``) uses torch's fused scaled-dot-product attention where
+    the architecture has it and falls back to the eager implementation, with one log line, where
+    it does not; ``"eager"`` forces the eager one.
+    """
     set_seed(seed)  # a fresh QA head is drawn from the global RNG: seed it, or QA_SEED repeats nothing
     # hub ids are "name" or "org/name"; anything else is a path
     looks_local = model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1
@@ -38,7 +44,10 @@ def load_model(model_name: str, seed: int):
         raise ConfigError(f"QA_MODEL_NAME={model_name}: no such model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
-        model = AutoModelForQuestionAnswering.from_pretrained(model_name)
+        # transformers picks SDPA by default where the model supports it and eager otherwise, quietly;
+        # asking for "sdpa" explicitly would raise on models without it instead of falling back
+        model = AutoModelForQuestionAnswering.from_pretrained(
+            model_name, attn_implementation="eager" if attention == "eager" else None)
     except OSError as exc:
         first = str(exc).splitlines()[0][:200]
         if Path(model_name).expanduser().is_dir() or "offline" not in first.lower() and "connect" not in first.lower():
@@ -46,6 +55,10 @@ def load_model(model_name: str, seed: int):
         raise StorageUnavailable(f"QA_MODEL_NAME={model_name}: hub unreachable ({first})") from None
     if not tokenizer.is_fast:
         raise ConfigError(f"QA_MODEL_NAME={model_name}: needs a fast tokenizer (character offsets)")
+    used = getattr(model.config, "_attn_implementation", None)
+    if attention == "sdpa" and used != "sdpa":
+        log.info(f"QA_ATTENTION=sdpa: {type(model).__name__} has no SDPA attention; using {used}",
+                 extra={"event": "speed_fallback", "setting": "QA_ATTENTION"})
     return tokenizer, model
 
 
@@ -81,8 +94,15 @@ class ProgressLog(TrainerCallback):
         })
 
 
-def training_arguments(settings, output_dir: Path, precision: str) -> TrainingArguments:
+def training_arguments(settings, output_dir: Path, precision: str, recipe: Recipe | None = None) -> TrainingArguments:
+    """The Trainer's arguments; ``recipe`` defaults to this machine's (logged, with its fallbacks)."""
     cuda = torch.cuda.is_available()
+    if recipe is None:
+        recipe = resolve_recipe(settings, probe_machine())
+        log_recipe(recipe)
+    if precision == "bf16" and not cuda and not cpu_has_bf16():
+        log.warning("QA_PRECISION=bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); it runs emulated, "
+                    "likely slower than fp32", extra={"event": "speed_fallback", "setting": "QA_PRECISION"})
     return TrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=settings.epochs,
@@ -98,8 +118,15 @@ def training_arguments(settings, output_dir: Path, precision: str) -> TrainingAr
         fp16=precision == "fp16",
         use_cpu=not cuda,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
-        dataloader_num_workers=settings.dataloader_workers,
-        dataloader_pin_memory=cuda,
+        # None leaves TF32 as torch has it; True is only passed where it exists (it raises elsewhere)
+        tf32=True if recipe.tf32 else None,
+        # fused: one kernel for the whole AdamW update; "adamw_torch" is the multi-tensor (foreach) one
+        optim="adamw_torch_fused" if recipe.fused_adamw else "adamw_torch",
+        torch_compile=recipe.compile,
+        dataloader_num_workers=recipe.dataloader_workers,
+        dataloader_pin_memory=recipe.pin_memory,
+        # workers forked once for the whole run instead of once per epoch
+        dataloader_persistent_workers=recipe.dataloader_workers > 0,
         logging_strategy="steps",
         logging_steps=settings.logging_steps,
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
@@ -114,14 +141,48 @@ def training_arguments(settings, output_dir: Path, precision: str) -> TrainingAr
 
 
 def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArguments, callbacks) -> Trainer:
-    # pad each batch to its own longest window (multiple of 8 for tensor cores), never to 384
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    # pad each batch to its own longest window (bucketed on CUDA and when compiled), never to 384
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of(torch.cuda.is_available(), args.torch_compile))
+    if args.torch_compile:
+        callbacks = [*callbacks, CompileStats()]
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog replaces it
     if args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+def cpu_has_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU instructions that make bf16 autocast fast (torch's own probes)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
+
+
+def compile_stats() -> dict:
+    """What torch.compile did in this process so far: graphs compiled, graph breaks, seconds spent."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent, counters
+    except ImportError:  # a private module: its absence must not break a run
+        return {}
+    return {"graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+            "compile_seconds": round(calculate_time_spent().get("total_wall_time", 0.0), 1)}
+
+
+class CompileStats(TrainerCallback):
+    """One ``compile`` line after training and after each prediction: the graph count must stay small.
+
+    torch.compile compiles once per new shape until it marks the length (and batch) dimensions
+    dynamic, about 4 graphs for training plus evaluation; a count growing with the data means
+    recompiling on every batch, which the ``pad_to_multiple_of`` buckets bound anyway.
+    """
+
+    def on_train_end(self, args, state, control, **kwargs):
+        log.info("compile", extra={"event": "compile", "stage": "train", **compile_stats()})
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        log.info("compile", extra={"event": "compile", "stage": "predict", **compile_stats()})
 
 
 def train(trainer: Trainer, resume_from: Path | None) -> dict:

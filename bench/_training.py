@@ -1,0 +1,136 @@
+"""Training measurements shared by speed.py (CPU) and gpu.py: the job's recipe and the tutorial's, timed step by step.
+
+Both recipes run the real ``Trainer``. The job's is built exactly as the job builds it
+(``load_settings`` -> ``training_arguments`` -> ``build_trainer``), with settings given as ``QA_*``
+variables; the tutorial's is the usual one: one window per example padded to max_length, no
+stride, the default collator, random order, fp32, library defaults otherwise.
+
+Real (non-pad) tokens are counted by the Trainer itself (``include_num_input_tokens_seen=
+"non_padding"``), outside the model: a forward hook would be traced by torch.compile and break
+its graph. Steady state is measured between step ends after ``skip`` steps, so compilation and
+the first-step warm-up land outside it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def tutorial_features(tokenizer, rows, max_length) -> dict[str, list]:
+    """The usual tutorial preprocessing: one window per example, padded to max_length, no stride."""
+    from job.features import label_window
+
+    enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows], truncation="only_second",
+                    max_length=max_length, padding="max_length", return_offsets_mapping=True)
+    cols = {name: enc[name] for name in tokenizer.model_input_names}
+    cols["start_positions"], cols["end_positions"] = [], []
+    for i, row in enumerate(rows):
+        a_s = row["answers"]["answer_start"][0]
+        s, e = label_window(enc["offset_mapping"][i], enc.sequence_ids(i), a_s, a_s + len(row["answers"]["text"][0]))
+        cols["start_positions"].append(s)
+        cols["end_positions"].append(e)
+    return cols
+
+
+@dataclass
+class Steps:
+    """(seconds, real tokens seen so far) at the end of every optimizer step."""
+
+    marks: list[tuple[float, int]] = field(default_factory=list)
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        marks = self.marks
+
+        class StepMarks(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                marks.append((time.perf_counter(), state.num_input_tokens_seen))
+
+        return StepMarks()
+
+
+@dataclass
+class Run:
+    recipe: str
+    wall: float  # seconds of trainer.train()
+    steps: int
+    batch: int
+    real_tokens: int
+    steady_tokens_per_s: float
+    steady_windows_per_s: float
+    first_steps_s: float  # start of train() to the end of step `skip`: warm-up, compilation
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.wall
+
+
+def job_trainer(model, tokenizer, train_dataset, out: Path, env: dict[str, str], precision: str, callbacks=(), args_hook=None):
+    """The job's Trainer for ``env`` (QA_* settings); returns (trainer, settings).
+
+    ``args_hook`` may adjust the TrainingArguments before the Trainer reads them (the GPU smoke
+    test swaps the compiler backend); nothing else differs from the job.
+    """
+    from job.settings import load_settings
+    from job.train import build_trainer, training_arguments
+
+    settings = load_settings({"QA_WORK_DIR": str(out), "QA_LOGGING_STEPS": "100000", **env})
+    args = training_arguments(settings, out / "trainer", precision)
+    args.include_num_input_tokens_seen = "non_padding"
+    if args_hook is not None:
+        args_hook(args)
+    return build_trainer(settings, model, tokenizer, train_dataset, args, list(callbacks)), settings
+
+
+def tutorial_trainer(model, tokenizer, train_dataset, out: Path, steps: int, batch: int, lr: float, cuda: bool, callbacks=()):
+    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback
+
+    args = TrainingArguments(
+        output_dir=str(out / "tutorial"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=lr,
+        weight_decay=0.01, seed=42, use_cpu=not cuda, dataloader_num_workers=0, save_strategy="no",
+        logging_steps=100000, report_to="none", disable_tqdm=True,
+        tf32=False,  # fp32 as written; and a TF32 switch left on by an earlier run in this process is undone
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator,
+                      callbacks=list(callbacks))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def timed_train(recipe: str, trainer, steps: Steps, batch: int, skip: int) -> Run:
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    marks = steps.marks
+    n = len(marks)
+    skip = min(skip, max(n - 2, 0))
+    if n >= 2:
+        (t_a, tok_a), (t_b, tok_b) = marks[skip], marks[-1]
+        span = t_b - t_a
+        steady_tok = (tok_b - tok_a) / span if span > 0 else float("nan")
+        steady_win = (n - 1 - skip) * batch / span if span > 0 else float("nan")
+    else:
+        steady_tok = steady_win = float("nan")
+    first = marks[skip][0] - t0 if marks else wall
+    return Run(recipe, wall, n, batch, trainer.state.num_input_tokens_seen, steady_tok, steady_win, first)
+
+
+def epoch_token_shares(windows_job, windows_tut, batch: int, seed: int = 42) -> tuple[float, float, float]:
+    """Real/total token share over a whole epoch: the job's grouped batches vs the tutorial's fixed padding."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = [len(x) for x in windows_job["input_ids"]]
+    g = torch.Generator()
+    g.manual_seed(seed)
+    order = list(LengthGroupedSampler(batch, lengths=lengths, generator=g))
+    real = sum(lengths)
+    padded = sum(max(lengths[i] for i in order[b:b + batch]) * len(order[b:b + batch]) for b in range(0, len(order), batch))
+    tut_real = sum(sum(m) for m in windows_tut["attention_mask"])
+    tut_total = sum(len(m) for m in windows_tut["attention_mask"])
+    return real / padded, tut_real / tut_total, real / len(lengths)

@@ -1,0 +1,155 @@
+"""The speed recipe: TF32, fused AdamW, torch.compile, pinned memory and DataLoader workers.
+
+Each switch is a setting; the defaults are the measured choice for the device (bench/RESULTS.md):
+on CUDA everything is on; on CPU only what did not slow CPU training (fused AdamW, SDPA). A
+switch that cannot apply here (no CUDA, a GPU before Ampere, no compiler for torch.compile)
+falls back with one log line and the job goes on: a speed setting never stops a run.
+
+``resolve_recipe`` is a pure function of the settings and a ``Machine`` description, so every
+fallback is tested on CPU with a made-up machine; ``probe_machine`` fills the description in.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Tensor cores want sequence lengths in multiples of 8; it also bounds the batch shapes
+# torch.compile can meet to max_length / 8 per batch size (see ``pad_to_multiple_of``).
+CUDA_PAD_MULTIPLE = 8
+# DataLoader workers on CUDA: collating pre-tokenized windows is light, a few processes keep the
+# GPU fed without taking every core of a shared node.
+MAX_CUDA_DATALOADER_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the switches depend on: the device and the tools torch.compile needs."""
+
+    cuda: bool = False
+    capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0; (8, 0) = Ampere
+    cpus: int = 1
+    triton: bool = False  # inductor's CUDA backend
+    c_compiler: bool = False  # Triton builds its CUDA launcher with one (CC, cc, gcc or clang)
+    cxx_compiler: bool = False  # inductor's CPU kernels are C++
+    python_headers: bool = False  # both builds include Python.h
+
+
+@dataclass(frozen=True)
+class Recipe:
+    tf32: bool
+    fused_adamw: bool
+    compile: bool
+    pin_memory: bool
+    dataloader_workers: int
+    pad_to_multiple_of: int | None
+    fallbacks: tuple[str, ...] = field(default=())  # one line per switch that could not apply
+
+    def as_dict(self) -> dict:
+        return {"tf32": self.tf32, "fused_adamw": self.fused_adamw, "compile": self.compile,
+                "pin_memory": self.pin_memory, "dataloader_workers": self.dataloader_workers,
+                "pad_to_multiple_of": self.pad_to_multiple_of}
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (the container's cpuset), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def probe_machine() -> Machine:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    # compute capabilities are NVIDIA's; a ROCm build reports its own numbers, and TF32 is a CUDA switch
+    capability = torch.cuda.get_device_capability(0) if cuda and torch.version.cuda else (0, 0)
+    try:
+        from torch.utils._triton import has_triton
+
+        triton = cuda and has_triton()
+    except ImportError:
+        triton = False
+    include = sysconfig.get_paths().get("include")
+    # CC and CXX are the compilers' own variables, read here the way Triton and inductor read them
+    return Machine(
+        cuda=cuda, capability=tuple(capability), cpus=usable_cpus(), triton=triton,
+        c_compiler=any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")),
+        cxx_compiler=any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")),
+        python_headers=bool(include) and (Path(include) / "Python.h").is_file(),
+    )
+
+
+def resolve_recipe(settings, machine: Machine) -> Recipe:
+    """Which switches this machine gets, with one line for each that was asked for and cannot apply."""
+    fallbacks: list[str] = []
+
+    tf32 = settings.tf32
+    if tf32 and not machine.cuda:
+        tf32 = False
+        fallbacks.append("QA_TF32: no CUDA device; fp32 matmuls stay exact")
+    elif tf32 and machine.capability < (8, 0):
+        tf32 = False
+        fallbacks.append(f"QA_TF32: the GPU (compute capability {machine.capability[0]}.{machine.capability[1]}) "
+                         "predates Ampere and has no TF32")
+
+    # torch >= 2.4 has fused AdamW kernels for CUDA and CPU, the only devices the job runs on; on
+    # CPU it is 3.7x faster than the foreach kernel per step (bench/RESULTS.md), so on everywhere
+    fused = settings.fused_adamw
+
+    compile_ = settings.compile == "true" or (settings.compile == "auto" and machine.cuda)
+    if compile_:
+        missing = _compile_missing(machine)
+        if missing:
+            compile_ = False
+            fallbacks.append(f"QA_COMPILE={settings.compile}: {missing}; running eager")
+
+    pin = settings.pin_memory
+    if pin and not machine.cuda:
+        pin = False
+        fallbacks.append("QA_PIN_MEMORY: no CUDA device; nothing to pin for")
+
+    workers = settings.dataloader_workers
+    if workers == "auto":
+        # CPU: worker processes only take cores from the model (bench/RESULTS.md)
+        workers = min(MAX_CUDA_DATALOADER_WORKERS, max(machine.cpus - 1, 0)) if machine.cuda else 0
+
+    return Recipe(tf32=tf32, fused_adamw=fused, compile=compile_, pin_memory=pin, dataloader_workers=workers,
+                  pad_to_multiple_of=pad_to_multiple_of(machine.cuda, compile_), fallbacks=tuple(fallbacks))
+
+
+def _compile_missing(machine: Machine) -> str | None:
+    if machine.cuda:
+        if not machine.triton:
+            return "Triton is not installed"
+        if not machine.c_compiler:
+            return "no C compiler for Triton's launcher (install gcc, or set CC)"
+    elif not machine.cxx_compiler:
+        return "no C++ compiler for inductor's CPU kernels (install g++, or set CXX)"
+    if not machine.python_headers:
+        return "no Python.h (install the python3-dev package)"
+    return None
+
+
+def pad_to_multiple_of(cuda: bool, compiled: bool) -> int | None:
+    """Bucket batch lengths: multiples of 8 on CUDA or when compiled, exact lengths otherwise.
+
+    Compiled, the number of distinct batch shapes is then at most max_length / 8 per batch size,
+    whatever the data; in practice torch.compile marks the length dynamic at its second shape and
+    stops recompiling (the ``compile`` log line counts the graphs). On CPU eager, padding is pure
+    cost, so none.
+    """
+    return CUDA_PAD_MULTIPLE if cuda or compiled else None
+
+
+def log_recipe(recipe: Recipe) -> None:
+    """Log the recipe and each fallback, one line each."""
+    for line in recipe.fallbacks:
+        log.info(line, extra={"event": "speed_fallback", "setting": line.split(":", 1)[0].split("=")[0]})
+    log.info("speed recipe", extra={"event": "speed_recipe", **recipe.as_dict()})

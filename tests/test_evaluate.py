@@ -1,0 +1,111 @@
+"""Evaluation predicts windows longest first and decodes them in dataset order: same answers."""
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from job.evaluate import evaluate, length_order, restore_order
+from job.features import feature_dataset
+from job.settings import load_settings
+from tests.support.jobrun import DATA
+
+
+@pytest.mark.parametrize("lengths, expected", [
+    ([3, 5, 4], [1, 2, 0]),
+    ([4, 4, 2, 4], [0, 1, 3, 2]),  # ties keep dataset order
+    ([], []),
+])
+def test_length_order(lengths, expected):
+    assert length_order(lengths).tolist() == expected
+
+
+def test_restore_order_inverts_the_permutation():
+    values = np.arange(12).reshape(6, 2)
+    order = np.array([4, 0, 5, 2, 1, 3])
+    assert (restore_order(values[order], order) == values).all()
+
+
+@pytest.fixture(scope="module")
+def dev_rows():
+    return [json.loads(line) for line in (DATA / "squad_v1_dev_32.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model, dev_rows):
+    from job.train import build_trainer, load_model, training_arguments
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    settings = load_settings({"QA_MODEL_NAME": str(tiny_model), "QA_WORK_DIR": str(tmp), "QA_EVAL_BATCH_SIZE": "8"})
+    tokenizer, model = load_model(settings.model_name, settings.seed)
+    # short windows: most examples span several, of many lengths, so sorting really reorders
+    features = feature_dataset("eval", tokenizer, dev_rows, 128, 48)
+    trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, tmp / "t", "fp32"), [])
+    return settings, trainer, features
+
+
+class RecordingTrainer:
+    """Stands in for the Trainer: logits that depend only on each window's own tokens, batch order recorded."""
+
+    def __init__(self, trainer):
+        self.args = trainer.args
+        self.seen = None
+
+    def predict(self, dataset):
+        ids = dataset["input_ids"]
+        self.seen = [len(x) for x in ids]
+        width = max(self.seen)
+        rng = [np.random.default_rng(sum(x) + 7 * len(x)) for x in ids]
+        start = np.full((len(ids), width), -100.0)
+        end = np.full((len(ids), width), -100.0)
+        for i, x in enumerate(ids):
+            start[i, :len(x)] = rng[i].normal(size=len(x))
+            end[i, :len(x)] = rng[i].normal(size=len(x))
+
+        class Output:
+            predictions = (start, end)
+        return Output()
+
+
+def test_windows_go_longest_first_and_answers_land_on_their_examples(setup, dev_rows):
+    settings, trainer, features = setup
+    fake = RecordingTrainer(trainer)
+    _, sorted_answers = evaluate(fake, features, dev_rows, settings)
+    assert fake.seen == sorted(fake.seen, reverse=True) and len(set(fake.seen)) > 5
+    _, dataset_order = evaluate(fake, features, dev_rows, settings, length_sorted=False)
+    assert fake.seen != sorted(fake.seen, reverse=True)
+    assert sorted_answers == dataset_order  # exact: these logits do not depend on batch shapes
+
+
+def test_length_sorted_gives_the_same_answers_on_real_rows(setup, dev_rows):
+    settings, trainer, features = setup
+    scores, answers = evaluate(trainer, features, dev_rows, settings)
+    scores_before, answers_before = evaluate(trainer, features, dev_rows, settings, length_sorted=False)
+    assert answers == answers_before and scores == scores_before
+    assert trainer.args.train_sampling_strategy == "group_by_length"  # restored after predicting
+
+
+def test_non_finite_logits_are_reported(setup, dev_rows, caplog):
+    settings, trainer, features = setup
+    fake = RecordingTrainer(trainer)
+    original = fake.predict
+
+    def predict_with_nan(dataset):
+        out = original(dataset)
+        out.predictions[0][0, 1] = np.nan
+        return out
+
+    fake.predict = predict_with_nan
+    caplog.set_level(logging.WARNING, logger="job.evaluate")
+    evaluate(fake, features, dev_rows, settings)
+    lines = [r for r in caplog.records if getattr(r, "event", None) == "nonfinite_logits"]
+    assert len(lines) == 1 and lines[0].windows == 1 and lines[0].of == len(features)
+
+
+def test_window_offsets_are_the_offset_mapping(setup):
+    from job.evaluate import window_offsets
+
+    _, _, features = setup
+    subset = features.select([5, 0, 3])  # an indices mapping: the Arrow path must honour it
+    for got, expected in zip(window_offsets(subset), subset["offset_mapping"]):
+        assert got.tolist() == expected

@@ -1,0 +1,88 @@
+"""The speed switches run for real on CPU: their fallbacks, fused AdamW and bf16 included."""
+import logging
+import math
+
+import pytest
+
+from job.features import train_features
+from job.recipe import Machine, resolve_recipe
+from job.settings import load_settings
+from job.train import build_trainer, cpu_has_bf16, load_model, training_arguments
+
+
+@pytest.fixture(scope="module")
+def no_sdpa_model(tmp_path_factory):
+    """A tiny ConvBERT QA model: an architecture transformers has no SDPA attention for."""
+    from transformers import AutoTokenizer, ConvBertConfig, ConvBertForQuestionAnswering
+
+    from tests.support.tiny import MINILM
+
+    dest = tmp_path_factory.mktemp("convbert")
+    tokenizer = AutoTokenizer.from_pretrained(str(MINILM))
+    config = ConvBertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, embedding_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=64, max_position_embeddings=512)
+    ConvBertForQuestionAnswering(config).save_pretrained(str(dest))
+    tokenizer.save_pretrained(str(dest))
+    return dest
+
+
+def fallback_lines(caplog, setting):
+    return [r for r in caplog.records if getattr(r, "event", None) == "speed_fallback" and r.setting == setting]
+
+
+def test_sdpa_falls_back_to_eager_with_one_line(no_sdpa_model, caplog):
+    caplog.set_level(logging.INFO, logger="job.train")
+    _, model = load_model(str(no_sdpa_model), seed=0, attention="sdpa")
+    assert model.config._attn_implementation == "eager"
+    lines = fallback_lines(caplog, "QA_ATTENTION")
+    assert len(lines) == 1 and "ConvBertForQuestionAnswering has no SDPA" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("attention, expected", [("sdpa", "sdpa"), ("eager", "eager")])
+def test_attention_setting_is_used(tiny_model, caplog, attention, expected):
+    caplog.set_level(logging.INFO, logger="job.train")
+    _, model = load_model(str(tiny_model), seed=0, attention=attention)
+    assert model.config._attn_implementation == expected
+    assert not fallback_lines(caplog, "QA_ATTENTION")
+
+
+def run_steps(tmp_path, tiny_model, train_rows, precision, **env):
+    """Two optimizer steps of the real Trainer with the job's arguments; returns (trainer, losses)."""
+    settings = load_settings({"QA_MODEL_NAME": str(tiny_model), "QA_WORK_DIR": str(tmp_path), "QA_MAX_STEPS": "2",
+                              "QA_BATCH_SIZE": "4", "QA_LOGGING_STEPS": "1", "QA_LEARNING_RATE": "1e-3", **env})
+    tokenizer, model = load_model(settings.model_name, settings.seed, settings.attention)
+    import datasets
+
+    windows = datasets.Dataset.from_dict(train_features(tokenizer, train_rows[:16], 128, 48))
+    args = training_arguments(settings, tmp_path / "trainer", precision)
+    trainer = build_trainer(settings, model, tokenizer, windows, args, [])
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, losses
+
+
+def test_defaults_on_cpu_train_with_every_fallback_logged(tmp_path, tiny_model, train_rows, caplog):
+    caplog.set_level(logging.INFO, logger="job.recipe")
+    trainer, losses = run_steps(tmp_path, tiny_model, train_rows, "fp32")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    args = trainer.args
+    assert (args.torch_compile, args.dataloader_pin_memory, args.dataloader_num_workers) == (False, False, 0)
+    assert {r.setting for r in caplog.records if getattr(r, "event", None) == "speed_fallback"} == {"QA_TF32", "QA_PIN_MEMORY"}
+    recipe_lines = [r for r in caplog.records if getattr(r, "event", None) == "speed_recipe"]
+    assert len(recipe_lines) == 1 and recipe_lines[0].compile is False
+
+
+def test_fused_adamw_and_bf16_run_on_cpu(tmp_path, tiny_model, train_rows, caplog):
+    caplog.set_level(logging.INFO, logger="job.train")
+    trainer, losses = run_steps(tmp_path, tiny_model, train_rows, "bf16", QA_PRECISION="bf16")
+    assert trainer.args.optim == "adamw_torch_fused" and trainer.optimizer.defaults.get("fused") is True
+    assert trainer.args.bf16 and len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    # an emulating CPU says so in one line; one with AVX512-BF16/AMX says nothing
+    assert len(fallback_lines(caplog, "QA_PRECISION")) == (0 if cpu_has_bf16() else 1)
+
+
+def test_explicit_recipe_is_used_as_given(tmp_path):
+    settings = load_settings({"QA_WORK_DIR": str(tmp_path)})
+    forced = resolve_recipe(load_settings({"QA_FUSED_ADAMW": "false", "QA_DATALOADER_WORKERS": "1"}), Machine(cpus=2))
+    args = training_arguments(settings, tmp_path / "t", "fp32", recipe=forced)
+    assert (args.optim, args.dataloader_num_workers, args.dataloader_persistent_workers) == ("adamw_torch", 1, True)
