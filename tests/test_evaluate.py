@@ -48,7 +48,7 @@ class RecordingTrainer:
     """Stands in for the Trainer: logits that depend only on each window's own tokens, batch order recorded."""
 
     def __init__(self, trainer):
-        self.args = trainer.args
+        self.args, self.state = trainer.args, trainer.state
         self.seen = None
 
     def predict(self, dataset):

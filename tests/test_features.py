@@ -100,7 +100,7 @@ def test_preprocessing_logs_its_workers(tokenizer, train_rows, small_chunks, cap
 
 
 def test_cache_key_does_not_depend_on_workers(tokenizer):
-    from job.features import cache_key
+    from job.feature_cache import cache_key
     from job.settings import load_settings
 
     keys = {cache_key(tokenizer, "m", "a", "b", load_settings({"QA_PREPROCESS_WORKERS": w})) for w in ("1", "2", "8")}
