@@ -116,29 +116,57 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
 def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
     import torch
 
-    settings, ranks, store, stop, lease = ctx.settings, ctx.ranks, ctx.store, ctx.stop, ctx.lease
+    settings, ranks = ctx.settings, ctx.ranks
     cuda = torch.cuda.is_available()
     precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     out = Path(settings.work_dir) / settings.run_id / "trainer"
     args = training_arguments(settings, out, precision)
-    resume = _restore(store, out, ranks, args)
+    resume = _restore(ctx.store, out, ranks, args)
+    trainer, uploader = _trainer(ctx, tokenizer, model, features, eval_split, args, resume)
+    log.info("training setup", extra={"event": "setup", "precision": precision, "device": _device_name(cuda),
+                                       "world_size": ranks.world_size, "resume_step": _step(resume)})
+    train_metrics = _train_and_commit(ctx, trainer, uploader, resume)
+    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=ctx.stop)
+    if ranks.is_writer:
+        context = {
+            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
+                              **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
+                     for s in (train_split, eval_split)},
+            "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
+            "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,
+            "resumed_from_step": _step(resume),
+        }
+        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        metrics = json.loads((root / "metrics.json").read_text())
+        publish.publish(root, ctx.store, ctx.stop)
+        summary.log_summary(settings, metrics)
+
+
+def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resume: Path | None):
+    """The Trainer with the job's callbacks, and the checkpoint uploader (node leaders only, else None)."""
+    settings, ranks = ctx.settings, ctx.ranks
     events = tracking.logging_dir(settings) if "tensorboard" in settings.trackers else None
     if events and ranks.is_writer:
         tracking.restore_events(resume, events)  # the curves go on from the resumed checkpoint, not from the kill
     uploader = None
     if ranks.is_node_leader:
-        logs = tracking.LogsMirror(store) if events and ranks.is_writer else None
-        sync = checkpoints.CheckpointSync(store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes, logs)
+        logs = tracking.LogsMirror(ctx.store) if events and ranks.is_writer else None
+        sync = checkpoints.CheckpointSync(ctx.store, settings.checkpoints_to_keep, ranks.world_size, ranks.node, ranks.nodes, logs)
         uploader = checkpoints.Uploader(sync, settings.storage_backoff_seconds)
     # RunTensorBoard before CheckpointCallback: the events are in a checkpoint before it is uploaded
     callbacks = [*([tracking.RunTensorBoard(events)] if events else []),
                  ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
-                 checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, stop, uploader, lease)]
+                 checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, ctx.stop, uploader, ctx.lease)]
     trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
     if settings.eval_steps:
         PeriodicEval(settings.eval_steps, eval_split.rows, features.eval, settings).attach(trainer)
-    log.info("training setup", extra={"event": "setup", "precision": precision, "device": _device_name(cuda),
-                                       "world_size": ranks.world_size, "resume_step": _step(resume)})
+    return trainer, uploader
+
+
+def _train_and_commit(ctx: RunContext, trainer, uploader, resume: Path | None) -> dict:
+    """Train; on a stop or a lost lease, wait (within the grace period) for the last checkpoint's commit
+    and exit 143 or 75 (4 for the lease); otherwise wait for it before evaluating."""
+    stop, lease = ctx.stop, ctx.lease
     try:
         train_metrics = train(trainer, resume)
     finally:
@@ -151,39 +179,18 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     ctx.check_stop()
     if uploader is not None:
         stop.checkpoint_committed(False)
-        committed = uploader.close(settings.stop_grace_seconds)
+        committed = uploader.close(ctx.settings.stop_grace_seconds)
         stop.checkpoint_committed(committed)  # a stop during evaluation or publishing exits 143 only if it was
         if not committed:
             log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
                                                                                     "step": trainer.state.global_step})
-    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=stop)
-    if ranks.is_writer:
-        context = {
-            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
-                              **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
-                     for s in (train_split, eval_split)},
-            "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
-            "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,
-            "resumed_from_step": _step(resume),
-        }
-        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
-        metrics = json.loads((root / "metrics.json").read_text())
-        publish.publish(root, store, stop)
-        summary.log_summary(settings, metrics)
+    return train_metrics
 
 
 def prepare_work_dir(settings: Settings) -> Path:
     """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it."""
     work = Path(settings.work_dir) / settings.run_id
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-        probe = work / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageUnavailable(f"QA_WORK_DIR={settings.work_dir}: no space left ({exc.strerror})") from None
-        raise ConfigError(f"QA_WORK_DIR={settings.work_dir}: not a writable directory ({exc.strerror})") from None
+    _probe_writable(work, f"QA_WORK_DIR={settings.work_dir}", create=True)
     return work
 
 
@@ -195,17 +202,24 @@ def open_run_storage(settings: Settings):
         output = store.root.parent
         while not output.exists() and output != output.parent:
             output = output.parent
-        try:
-            probe = output / f".probe-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise StorageUnavailable(f"QA_OUTPUT_URI={settings.output_uri}: no space left ({exc.strerror})") from None
-            raise ConfigError(f"QA_OUTPUT_URI={settings.output_uri}: not a writable directory ({exc.strerror})") from None
+        _probe_writable(output, f"QA_OUTPUT_URI={settings.output_uri}")
     else:
         store.check_access()
     return store
+
+
+def _probe_writable(folder: Path, setting: str, create: bool = False) -> None:
+    """Write and remove a file: a full disk is exit 75 (retry elsewhere), anything else exit 2."""
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageUnavailable(f"{setting}: no space left ({exc.strerror})") from None
+        raise ConfigError(f"{setting}: not a writable directory ({exc.strerror})") from None
 
 
 def _policy(settings: Settings) -> RetryPolicy:

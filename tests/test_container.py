@@ -162,9 +162,11 @@ def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, 
     from job.publish import COMPLETE
 
     run_id = f"ctr-{uuid.uuid4().hex[:8]}"
-    # long enough that it is still training when stopped; no step or time checkpoints, so the
-    # only checkpoint is the one SIGTERM asks for
-    env = job_env(s3_bucket, run_id, max_steps=1_000_000, checkpoint_steps=0, stop_grace_seconds=50)
+    # long enough that it is still training when stopped (CI saw ~60 steps pass between the
+    # third step and the stop), short enough for the replacement to finish in seconds; no step or
+    # time checkpoints, so the only checkpoint is the one SIGTERM asks for
+    max_steps = 600
+    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50)
     name = f"qa-job-{run_id}"
     containers.append(name)
     docker("run", "-d", *run_args(name, assets, env), env=env)
@@ -191,7 +193,7 @@ def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, 
     assert len(markers) == 1, f"expected one committed checkpoint, found {sorted(found)}"
     folder = markers[0][: -len(MARKER)]
     stopped_at = int(folder.rstrip("/").rsplit("-", 1)[1])
-    assert stopped_at >= step
+    assert step <= stopped_at < max_steps
     commit = read_json(s3_bucket, run + markers[0])
     assert commit["step"] == stopped_at
     for file, meta in commit["files"].items():
@@ -200,13 +202,13 @@ def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, 
     assert COMPLETE not in found, "a stopped run must not be marked complete"
     assert any(e.get("event") == "stopped" for e in events(logs.stdout))
 
-    # the replacement pod: a fresh container (empty /scratch) with the same run id resumes from
-    # the committed checkpoint and finishes (two more steps, to keep the test short)
-    env = job_env(s3_bucket, run_id, max_steps=stopped_at + 2, checkpoint_steps=0)
+    # the replacement pod: a fresh container (empty /scratch) with the same run id and settings
+    # resumes from the committed checkpoint and finishes (other settings would be refused: exit 2)
+    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50)
     name = f"qa-job-{run_id}-again"
     containers.append(name)
     proc = docker("run", *run_args(name, assets, env), env=env, timeout=420, check=False)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert COMPLETE in keys(s3_bucket, run)
     assert read_json(s3_bucket, run + "manifest.json")["resumed_from_step"] == stopped_at
-    assert read_json(s3_bucket, run + "metrics.json")["global_step"] == stopped_at + 2
+    assert read_json(s3_bucket, run + "metrics.json")["global_step"] == max_steps
