@@ -100,7 +100,8 @@ def resolve_recipe(settings, machine: Machine) -> Recipe:
                          "predates Ampere and has no TF32")
 
     # torch >= 2.4 has fused AdamW kernels for CUDA and CPU, the only devices the job runs on; on
-    # CPU it is 3.7x faster than the foreach kernel per step (bench/RESULTS.md), so on everywhere
+    # CPU its optimizer step is about 4x faster than foreach, 1.07x per training step
+    # (bench/RESULTS.md), so on everywhere
     fused = settings.fused_adamw
 
     compile_ = settings.compile == "true" or (settings.compile == "auto" and machine.cuda)
