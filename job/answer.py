@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobError, print_error
+from job.errors import EXIT_OK, ConfigError, run_command_line
 
 PROGRAM = "qa-finetune answer"
 WINDOWS_PER_BATCH = 32  # a long context becomes many windows: bound the memory of one forward pass
@@ -99,20 +99,18 @@ def main(argv=None, environ=None) -> int:
     from job.redaction import register_secrets
 
     register_secrets(environ)
-    try:
-        result = _answer(args)
-    except JobError as exc:
-        print_error(str(exc), exc.exit_code, PROGRAM)
-        return exc.exit_code
-    except OSError as exc:
-        print_error(f"--model {args.model}: cannot load: {str(exc).splitlines()[0][:200]}", EXIT_CONFIG, PROGRAM)
-        return EXIT_CONFIG
-    except BaseException as exc:  # noqa: BLE001  also a tokenizer panic, which is not an Exception
-        print_error(f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                    EXIT_UNEXPECTED, PROGRAM)
-        return EXIT_UNEXPECTED
+    code, result = run_command_line(PROGRAM, lambda: _answer_or_config_error(args))
+    if code != EXIT_OK:
+        return code
     print(json.dumps(result, ensure_ascii=False))
     return EXIT_OK
+
+
+def _answer_or_config_error(args) -> dict:
+    try:
+        return _answer(args)
+    except OSError as exc:  # a model folder or files that do not load
+        raise ConfigError(f"--model {args.model}: cannot load: {str(exc).splitlines()[0][:200]}") from None
 
 
 def _answer(args) -> dict:

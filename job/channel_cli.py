@@ -13,7 +13,7 @@ import json
 import os
 
 from job.channel import Channel, CorruptPointer, Version
-from job.errors import EXIT_OK, EXIT_UNEXPECTED, ConfigError, JobError, print_error
+from job.errors import EXIT_OK, ConfigError, run_command_line
 from job.pointer import encode, next_version, now, published_run
 
 PROGRAM = "qa-finetune channel"
@@ -35,15 +35,9 @@ def main(argv=None, environ=None) -> int:
     from job.redaction import register_secrets
 
     register_secrets(environ)
-    try:
-        result = run_command(args)
-    except JobError as exc:
-        print_error(str(exc), exc.exit_code, PROGRAM)
-        return exc.exit_code
-    except BaseException as exc:  # noqa: BLE001  one line, never a traceback
-        print_error(f"unexpected error: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}",
-                    EXIT_UNEXPECTED, PROGRAM)
-        return EXIT_UNEXPECTED
+    code, result = run_command_line(PROGRAM, lambda: run_command(args))
+    if code != EXIT_OK:
+        return code
     print(json.dumps(result, indent=1))
     return EXIT_OK
 

@@ -1,4 +1,5 @@
 """One process per run id: the storage lease, on a real S3 server and on local disk."""
+import contextlib
 import json
 import os
 import socket
@@ -52,23 +53,9 @@ def test_unrenewed_lease_is_waited_out_not_failed(tmp_path):
 
 def test_live_holder_on_another_host_keeps_its_lease(tmp_path):
     store = LocalStorage(tmp_path)
-    stop = threading.Event()
-
-    def holder():  # renews like a live job on another machine would
-        while not stop.is_set():
-            body = {"holder": "live", "host": "other-node", "pid": 1, "expires_at": time.time() + 1.5}
-            store.put_bytes(KEY, json.dumps(body).encode())
-            stop.wait(0.3)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        time.sleep(0.1)
+    with renewing_holder(store, {"holder": "live", "host": "other-node", "pid": 1}, ttl=1.5):
         with pytest.raises(RunLocked, match="QA_RUN_ID=r is already running on other-node"):
             Lease(store, "r", ttl_seconds=1.5).acquire()
-    finally:
-        stop.set()
-        thread.join()
 
 
 HOLD = """
@@ -103,23 +90,10 @@ def test_dead_holder_with_this_work_dir_is_taken_over_at_once(tmp_path):
 def test_live_holder_with_our_host_name_and_pid_is_not_robbed(tmp_path):
     """Two containers on one node can share host name and pid (separate PID namespaces): neither is proof of death."""
     store = LocalStorage(tmp_path)
-    stop = threading.Event()
-
-    def holder():  # a live job in another container: same host name, same pid as ours, renewing
-        while not stop.is_set():
-            body = {"holder": "other", "host": socket.gethostname(), "pid": os.getpid(), "expires_at": time.time() + 2}
-            store.put_bytes(KEY, json.dumps(body).encode())
-            stop.wait(0.3)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        time.sleep(0.1)
+    # a live job in another container: same host name, same pid as ours, renewing
+    with renewing_holder(store, {"holder": "other", "host": socket.gethostname(), "pid": os.getpid()}, ttl=2):
         with pytest.raises(RunLocked, match="already running"):
             Lease(store, "r", ttl_seconds=2, lock_dir=tmp_path / "work").acquire()
-    finally:
-        stop.set()
-        thread.join()
 
 
 # "far future" is made inside the test: a parameter computed at collection differs between
@@ -238,3 +212,23 @@ def test_a_partitioned_holder_keeps_training_but_a_taken_over_lease_stops_its_ne
         assert not (tmp_path / "checkpoints").exists()
         assert json.loads((tmp_path / KEY).read_text())["holder"] == other.token
     lease.release()
+
+
+@contextlib.contextmanager
+def renewing_holder(store, body: dict, ttl: float):
+    """Another live job holding the lease: it renews every 0.3 s, as a job on another machine would."""
+    stop = threading.Event()
+
+    def renew():
+        while not stop.is_set():
+            store.put_bytes(KEY, json.dumps({**body, "expires_at": time.time() + ttl}).encode())
+            stop.wait(0.3)
+
+    thread = threading.Thread(target=renew)
+    thread.start()
+    try:
+        time.sleep(0.1)
+        yield
+    finally:
+        stop.set()
+        thread.join()
