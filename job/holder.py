@@ -37,10 +37,10 @@ def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str,
 
     work = Path(settings.work_dir) / settings.run_id / "holder" / run_id
     model_dir = fetch_run_model(settings, run_id, work / "model")
-    tokenizer, model = load_model(str(model_dir), settings.seed)
+    tokenizer, model = load_model(str(model_dir), settings.seed, settings.attention)  # as the candidate was scored
     features = datasets.Dataset.from_dict(eval_features(tokenizer, rows, settings.max_length, settings.doc_stride))
     cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported())
+    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, work / "trainer", precision), [])
     scores, out = evaluate(trainer, features, rows, settings, stop=stop)
     log.info("holder re-scored on this run's eval set", extra={"event": "holder_rescored", "holder": run_id,
