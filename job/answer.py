@@ -54,22 +54,21 @@ class QuestionAnswerer:
 
 def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None) -> Path:
     """A local folder for a model given as a model or run folder, local or ``s3://bucket/prefix``."""
-    from job.locations import UnsafeName, confine
-    from job.storage import RetryPolicy, open_storage
+    from job.locations import UnsafeName, confine, local_path
+    from job.storage import COMMAND_LINE_POLICY, open_storage
 
     if not uri.startswith("s3://"):
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        path = local_path(uri)
         if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
             path = path / "model"  # a run folder
         if not (path / "config.json").is_file():
             raise ConfigError(f"--model {uri}: no model there (no config.json)")
         return path
-    store = open_storage(uri, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20), endpoint_url, region)
+    store = open_storage(uri, COMMAND_LINE_POLICY, endpoint_url, region)
     keys = store.list("")
     if "config.json" not in keys and "model/config.json" in keys:
         keys = [k[len("model/"):] for k in keys if k.startswith("model/")]
-        store = open_storage(uri.rstrip("/") + "/model", RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20),
-                             endpoint_url, region)
+        store = open_storage(uri.rstrip("/") + "/model", COMMAND_LINE_POLICY, endpoint_url, region)
     top_level = [k for k in keys if "/" not in k]  # a model's own files; never checkpoints or caches
     if "config.json" not in top_level:
         raise ConfigError(f"--model {uri}: no model there (no config.json)")
@@ -138,9 +137,9 @@ def channel_model(output_uri: str, name: str, endpoint_url: str | None, region: 
     """``(model URI, run id)`` of the run a channel's pointer names; the URI is built, never read."""
     from job.channel import Channel
     from job.locations import join
-    from job.storage import RetryPolicy, open_storage
+    from job.storage import COMMAND_LINE_POLICY, open_storage
 
-    root = open_storage(output_uri, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20), endpoint_url, region)
+    root = open_storage(output_uri, COMMAND_LINE_POLICY, endpoint_url, region)
     run_id = Channel(root, name).require().pointer["run_id"]
     return join(output_uri, run_id, "model"), run_id
 

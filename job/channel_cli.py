@@ -43,7 +43,7 @@ def main(argv=None, environ=None) -> int:
 
 
 def run_command(args):
-    from job.storage import RetryPolicy, open_storage
+    from job.storage import COMMAND_LINE_POLICY, open_storage
 
     if args.output.startswith("s3://"):
         from job.locations import UnsafeName, parse_s3
@@ -52,8 +52,7 @@ def run_command(args):
             parse_s3(args.output)
         except UnsafeName as exc:
             raise ConfigError(f"--output {args.output[:200]}: {exc}") from None
-    root = open_storage(args.output, RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20),
-                        args.endpoint_url, args.region)
+    root = open_storage(args.output, COMMAND_LINE_POLICY, args.endpoint_url, args.region)
     channel = Channel(root, args.channel)
     reason = " ".join(args.reason.split())[:500]
     if args.command == "show":

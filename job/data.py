@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from job.errors import DataError, StorageUnavailable
-from job.locations import UnsafeName, confine, join
+from job.locations import UnsafeName, confine, join, local_path
 from job.settings import Settings
 from job.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
@@ -68,8 +68,7 @@ def is_prefix(uri: str) -> bool:
     """An ``s3://`` URI ending in '/', or a local folder: read every supported file under it."""
     if uri.startswith("s3://"):
         return uri.endswith("/")
-    path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
-    return uri.endswith("/") or path.is_dir()
+    return uri.endswith("/") or local_path(uri).is_dir()
 
 
 def _prefix_rows(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> tuple[list[dict], str, tuple]:
@@ -83,7 +82,7 @@ def _prefix_rows(uri: str, dest_dir: Path, settings: Settings, policy: RetryPoli
         store = open_storage(uri, policy, settings.s3_endpoint_url, settings.s3_region)
         keys = store.list("")
     else:
-        root = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        root = local_path(uri)
         if not root.is_dir():
             raise DataError(f"{uri}: data folder not found")
         keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -123,7 +122,7 @@ def _prefix_rows(uri: str, dest_dir: Path, settings: Settings, policy: RetryPoli
 def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> Path:
     """Return a local path for ``uri``, downloading ``s3://`` objects into ``dest_dir``."""
     if not uri.startswith("s3://"):
-        path = Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+        path = local_path(uri)
         if not path.is_file():
             raise DataError(f"{uri}: data file not found")
         return path

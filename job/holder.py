@@ -28,17 +28,16 @@ def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
 
 def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str, str]:
     """``{id: answer}`` of run ``run_id``'s published model on ``rows``, decoded as evaluation decodes."""
-    import datasets
     import torch
 
     from job.evaluate import evaluate
-    from job.features import eval_features
+    from job.features import feature_dataset, preprocess_workers
     from job.train import build_trainer, load_model, resolve_precision, training_arguments
 
     work = Path(settings.work_dir) / settings.run_id / "holder" / run_id
     model_dir = fetch_run_model(settings, run_id, work / "model")
     tokenizer, model = load_model(str(model_dir), settings.seed, settings.attention)  # as the candidate was scored
-    features = datasets.Dataset.from_dict(eval_features(tokenizer, rows, settings.max_length, settings.doc_stride))
+    features = feature_dataset("eval", tokenizer, rows, settings.max_length, settings.doc_stride, preprocess_workers(settings))
     cuda = torch.cuda.is_available()
     precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
     trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, work / "trainer", precision), [])

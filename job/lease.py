@@ -193,10 +193,8 @@ class Lease:
 
     def ensure_held(self) -> None:
         """Before any write: LeaseLost if lost; after a renewal gap, renew (CAS) first, so a thief is found out."""
-        if self.lost.is_set():
-            raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
-        if not self.fresh:
-            self._renew()
+        if self.lost.is_set() or not self.fresh:
+            self._renew()  # raises LeaseLost when lost, before or by this renewal
 
     def _lose(self, why: str) -> None:
         if not self.lost.is_set():

@@ -33,6 +33,11 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def local_path(uri: str) -> Path:
+    """The path a local URI names: ``file://`` is accepted and dropped."""
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
 def parse_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/some/key`` -> ``("bucket", "some/key")``; raises UnsafeName on anything odd."""
     if not is_s3(uri):

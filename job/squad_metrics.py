@@ -34,11 +34,8 @@ def f1(prediction: str, gold: str, empty_matches_empty: bool = False) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict:
-    """Official scores for ``rows`` (SQuAD rows with ``answers``) and ``{id: text}`` predictions."""
-    em_total = f1_total = 0.0
-    counted = 0
-    buckets = {"HasAns": [0.0, 0.0, 0], "NoAns": [0.0, 0.0, 0]}
+def _scored(rows, predictions: dict[str, str], version_2: bool):
+    """``(id, exact, f1, has_answer)`` for each question the official rules count, scores 0-1."""
     for row in rows:
         rid = row["id"]
         if version_2:
@@ -49,13 +46,21 @@ def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> 
             golds = row["answers"]["text"]
         pred = predictions.get(rid)
         if pred is None:
-            em, f = 0.0, 0.0  # v1.1 counts a missing prediction as wrong
+            yield rid, 0.0, 0.0, golds != [""]  # v1.1 counts a missing prediction as wrong
         else:
-            em = max(exact(pred, g) for g in golds)
-            f = max(f1(pred, g, empty_matches_empty=version_2) for g in golds)
+            yield (rid, max(exact(pred, g) for g in golds),
+                   max(f1(pred, g, empty_matches_empty=version_2) for g in golds), golds != [""])
+
+
+def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict:
+    """Official scores for ``rows`` (SQuAD rows with ``answers``) and ``{id: text}`` predictions."""
+    em_total = f1_total = 0.0
+    counted = 0
+    buckets = {"HasAns": [0.0, 0.0, 0], "NoAns": [0.0, 0.0, 0]}
+    for _, em, f, has_answer in _scored(rows, predictions, version_2):
         em_total, f1_total, counted = em_total + em, f1_total + f, counted + 1
         if version_2:
-            b = buckets["HasAns" if golds != [""] else "NoAns"]
+            b = buckets["HasAns" if has_answer else "NoAns"]
             b[0], b[1], b[2] = b[0] + em, b[1] + f, b[2] + 1
     scores = {"exact_match": 100.0 * em_total / max(counted, 1), "f1": 100.0 * f1_total / max(counted, 1), "total": counted}
     if version_2:
@@ -70,19 +75,4 @@ def per_example_scores(rows, predictions: dict[str, str], version_2: bool = Fals
     The mean of each column equals the ``squad_scores`` value (v2.0 leaves out questions without a
     prediction; v1.1 counts them as 0). The quality gate pairs these per question.
     """
-    out = {}
-    for row in rows:
-        rid = row["id"]
-        if version_2:
-            golds = [t for t in row["answers"]["text"] if normalize_answer(t)] or [""]
-            if rid not in predictions:
-                continue
-        else:
-            golds = row["answers"]["text"]
-        pred = predictions.get(rid)
-        if pred is None:
-            out[rid] = {"exact_match": 0.0, "f1": 0.0}
-        else:
-            out[rid] = {"exact_match": 100.0 * max(exact(pred, g) for g in golds),
-                        "f1": 100.0 * max(f1(pred, g, empty_matches_empty=version_2) for g in golds)}
-    return out
+    return {rid: {"exact_match": 100.0 * em, "f1": 100.0 * f} for rid, em, f, _ in _scored(rows, predictions, version_2)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 from job.errors import StorageDenied, StorageUnavailable
-from job.locations import UnsafeName, confine, parse_s3
+from job.locations import UnsafeName, confine, local_path, parse_s3
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +55,10 @@ class RetryPolicy:
     timeout_seconds: float = 20.0
 
 
+# the command lines (job.answer, job.channel): a person is waiting, so fail within a minute or so
+COMMAND_LINE_POLICY = RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=20)
+
+
 def split_s3(uri: str) -> tuple[str, str]:
     try:
         return parse_s3(uri)
@@ -66,9 +70,7 @@ def open_storage(uri: str, policy: RetryPolicy, endpoint_url: str | None = None,
     if uri.startswith("s3://"):
         bucket, prefix = split_s3(uri)
         return S3Storage(bucket, prefix, policy, endpoint_url, region)
-    if uri.startswith("file://"):
-        uri = uri[len("file://"):]
-    return LocalStorage(Path(uri))
+    return LocalStorage(local_path(uri))
 
 
 def sha256_file(path: Path) -> str:
