@@ -8,9 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import job.checkpoints  # noqa: E402
+import job.store.checkpoints  # noqa: E402
 
-job.checkpoints.Uploader.submit = lambda self, step, folder: None
+job.store.checkpoints.Uploader.submit = lambda self, step, folder: None
 
 from job.__main__ import main  # noqa: E402
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 def tutorial_features(tokenizer, rows, max_length) -> dict[str, list]:
     """The usual tutorial preprocessing: one window per example, padded to max_length, no stride."""
-    from job.features import label_window
+    from job.squad.features import label_window
 
     enc = tokenizer([r["question"].lstrip() for r in rows], [r["context"] for r in rows], truncation="only_second",
                     max_length=max_length, padding="max_length", return_offsets_mapping=True)

@@ -211,9 +211,9 @@ def main() -> int:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     from job.evaluate import evaluate
-    from job.features import feature_dataset, preprocess_workers
-    from job.settings import load_settings
+    from job.preprocess import feature_dataset, preprocess_workers
     from job.recipe import pad_to_multiple_of
+    from job.settings import load_settings
     from job.train import compile_stats, load_model, resolve_precision
 
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu (smoke)"

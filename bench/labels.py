@@ -53,7 +53,7 @@ def whole_word_elsewhere(context: str, gold: str, chosen: int) -> str:
 
 def whitespace_probe(tokenizer) -> list[str]:
     """label_window on hand-made gold spans with surrounding whitespace (none occur in the shared samples)."""
-    from job.features import label_window
+    from job.squad.features import label_window
 
     question, context = "Who won?", "The Denver Broncos won the game."
     enc = tokenizer(question, context, return_offsets_mapping=True)
@@ -153,8 +153,8 @@ def main() -> int:
     header("bench/labels.py: span labels round trip")
     from transformers import AutoTokenizer
 
-    from job.features import eval_features, train_features
-    from job.squad_metrics import exact
+    from job.squad.features import eval_features, train_features
+    from job.squad.metrics import exact
 
     rows = read_rows(path, args.limit)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))

@@ -60,9 +60,9 @@ def score_inprocess(tmp: Path, args, model_name: str, run_id: str, group_by_leng
 
     from job.data import load_splits
     from job.evaluate import evaluate
-    from job.feature_cache import build_features
+    from job.preprocess import build_features
     from job.settings import load_settings
-    from job.storage import RetryPolicy
+    from job.store.storage import RetryPolicy
     from job.train import build_trainer, load_model, training_arguments
 
     transformers.logging.set_verbosity_error()  # the load report lists the fresh qa_outputs head: expected here

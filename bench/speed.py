@@ -1,7 +1,7 @@
 """CPU speed of the job, side by side in one run: preprocessing, each speed switch in training, evaluation.
 
 (a) Preprocessing of the train sample (all 15,304 rows by default), interleaved rounds: the bare
-    tokenizer call (``job.features.tokenize`` on the same 1,000-row chunks, nothing else); today's
+    tokenizer call (``job.squad.features.tokenize`` on the same 1,000-row chunks, nothing else); today's
     path (``train_features`` then ``Dataset.from_dict``, what ``build_features`` did before
     ``QA_PREPROCESS_WORKERS``); ``feature_dataset`` with 1 and 2 workers; and with 1 worker whose
     tokenizer runs on one thread (as each of the 2 workers does), which shows how much of the
@@ -59,7 +59,8 @@ def cpu_seconds() -> float:
 def bench_preprocessing(tokenizer, rows, args) -> None:
     import datasets
 
-    from job.features import CHUNK, feature_dataset, tokenize, train_features
+    from job.preprocess import feature_dataset
+    from job.squad.features import CHUNK, tokenize, train_features
 
     def bare():
         return sum(len(tokenize(tokenizer, rows[b:b + CHUNK], args.max_length, args.stride)["input_ids"])
@@ -193,7 +194,7 @@ def bench_optimizer_step(reps: int = 8) -> None:
 def bench_training(tokenizer, rows, args) -> None:
     """Each variant runs in pairs with the job's CPU default, back to back, the order alternating:
     the machine's load drifts over minutes, so only a ratio taken within a pair is trusted."""
-    from job.features import train_features
+    from job.squad.features import train_features
     from job.train import cpu_has_bf16
 
     windows_job = train_features(tokenizer, rows, args.max_length, args.stride)
@@ -253,8 +254,8 @@ def bench_training(tokenizer, rows, args) -> None:
 
 def evaluate_today(trainer, eval_features, rows, settings):
     """``job.evaluate.evaluate`` as it was before length-ordered prediction (main, 2026-11-28), to time it."""
-    from job.decoding import decode_all
-    from job.squad_metrics import squad_scores
+    from job.squad.decoding import decode_all
+    from job.squad.metrics import squad_scores
 
     model_inputs = eval_features.remove_columns(["example_index", "offset_mapping"])
     strategy = trainer.args.train_sampling_strategy
@@ -281,10 +282,11 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
     import datasets
     import numpy as np
 
-    from job.decoding import decode_answer
     from job.evaluate import evaluate, length_order
-    from job.features import feature_dataset, train_features
+    from job.preprocess import feature_dataset
     from job.settings import load_settings
+    from job.squad.decoding import decode_answer
+    from job.squad.features import train_features
     from job.train import load_model
 
     model_path = str(minilm_path())

@@ -7,7 +7,8 @@ import os
 import sys
 import traceback
 
-from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_UNEXPECTED, JobError, print_error
+from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_UNEXPECTED, JobError
+from job.observe.console import print_error
 from job.preemption import StopRequest, exit_now
 
 
@@ -28,8 +29,8 @@ def main(environ=None) -> int:
 
 
 def _run(environ, stop: StopRequest) -> int:
-    from job.logs import setup_logging, use_format
-    from job.redaction import register_secrets
+    from job.observe.logs import setup_logging, use_format
+    from job.observe.redaction import register_secrets
 
     register_secrets(environ)
     rank = int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None

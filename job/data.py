@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Iterable
 
 from job.errors import DataError, StorageUnavailable
-from job.locations import UnsafeName, confine, join, local_path
 from job.settings import Settings
-from job.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
+from job.store.locations import UnsafeName, confine, join, local_path
+from job.store.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
 log = logging.getLogger(__name__)
 FORMATS = {".json": "squad-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}

@@ -64,8 +64,8 @@ def main() -> int:
 
 def _tell_the_story(env: dict, was_complete: bool) -> None:
     """Sample answers (and the scores, when the run was complete before), through the job's own log format."""
+    from job.observe.summary import log_summary, tensorboard_command
     from job.settings import load_settings
-    from job.summary import log_summary, tensorboard_command
 
     settings = load_settings(env)
     run = Path(settings.run_uri)
@@ -80,9 +80,9 @@ def _tell_the_story(env: dict, was_complete: bool) -> None:
 
 
 def answer_samples(settings, model_dir: Path) -> None:
-    from job.answer import QuestionAnswerer
+    from job.squad.answer import QuestionAnswerer
     from job.data import read_rows
-    from job.squad_metrics import normalize_answer
+    from job.squad.metrics import normalize_answer
 
     rows = read_rows(Path(settings.eval_uri), settings.eval_uri)
     answerer = QuestionAnswerer(model_dir, max_length=settings.max_length, doc_stride=settings.doc_stride,

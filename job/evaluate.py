@@ -13,8 +13,8 @@ import logging
 import numpy as np
 from transformers import TrainerCallback
 
-from job.decoding import count_nonfinite, decode_all
-from job.squad_metrics import squad_scores
+from job.squad.decoding import count_nonfinite, decode_all
+from job.squad.metrics import squad_scores
 
 log = logging.getLogger(__name__)
 _DECODING_COLUMNS = ("example_index", "offset_mapping")
@@ -93,7 +93,7 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None, *, d
         start_logits, end_logits = restore_order(start_logits, order), restore_order(end_logits, order)
     nonfinite = count_nonfinite(start_logits, end_logits, lengths)
     if nonfinite:
-        # decoding treats NaN as -inf (job.decoding); say so, since it usually means a diverged model
+        # decoding treats NaN as -inf (job.squad.decoding); say so, since it usually means a diverged model
         log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
     predictions = decode_all(
         rows, eval_features.with_format("arrow")["example_index"].to_numpy(), window_offsets(eval_features),

@@ -9,18 +9,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import checkpoints, nightly, promotion, publish, summary, tracking
+from job import publish
+from job.channels import nightly, promotion
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.evaluate import evaluate
-from job.feature_cache import build_features
-from job.fingerprint import training_inputs
-from job.lease import Lease
-from job.periodic_eval import PeriodicEval
+from job.observe import summary, tracking
+from job.observe.periodic_eval import PeriodicEval
 from job.preemption import StopRequest
+from job.preprocess import build_features
 from job.settings import Settings
-from job.storage import LocalStorage, RetryPolicy, open_storage
-from job.train import ProgressLog, build_trainer, check_window_fits, load_model, resolve_precision, train, training_arguments
+from job.store import checkpoints
+from job.store.fingerprint import training_inputs
+from job.store.lease import Lease
+from job.store.storage import LocalStorage, RetryPolicy, open_storage
+from job.train import (ProgressLog, build_trainer, check_window_fits, load_model, resolve_precision, train,
+                       training_arguments)
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ class RunContext:
 
     settings: Settings
     ranks: Ranks
-    store: object  # job.storage.Storage of the run folder
+    store: object  # job.store.storage.Storage of the run folder
     stop: StopRequest
     lease: Lease | None
 

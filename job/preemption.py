@@ -19,7 +19,8 @@ import signal
 import threading
 import time
 
-from job.errors import EXIT_PREEMPTED, EXIT_UNAVAILABLE, Preempted, StoppedUncommitted, print_error
+from job.errors import EXIT_PREEMPTED, EXIT_UNAVAILABLE, Preempted, StoppedUncommitted
+from job.observe.console import print_error
 
 log = logging.getLogger(__name__)
 WATCHDOG_MARGIN_SECONDS = 1.0  # after the deadline: time for the last log line to be written

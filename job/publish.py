@@ -13,11 +13,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from job import curves, model_card, periodic_eval, tracking
 from job.errors import ConfigError
-from job.fingerprint import differences, digest, eval_fingerprint, recipe
-from job.redaction import redact
-from job.storage import NotFound, PreconditionFailed, Storage, atomic_write
+from job.observe import curves, model_card, periodic_eval, tracking
+from job.observe.redaction import redact
+from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
+from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"

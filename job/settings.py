@@ -19,11 +19,10 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import ConfigError
-from job.locations import UnsafeName, is_s3, join, parse_s3
-from job.redaction import redact
+from job.observe.redaction import redact
+from job.store.locations import UnsafeName, check_channel_name, is_run_id, is_s3, join, parse_s3
 
 ENV_PREFIX = "QA_"
-_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+|[a-z0-9][a-z0-9-]{0,62}")
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP... for every Service in the
 # namespace; a Service named "qa-..." must not turn into an "unknown setting" error.
@@ -146,14 +145,14 @@ class Settings(BaseSettings):
     @field_validator("run_id")
     @classmethod
     def _run_id_is_a_key(cls, v: str) -> str:
-        if not _RUN_ID.fullmatch(v):
+        if not is_run_id(v):
             raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
     @field_validator("train_uri", "eval_uri", "output_uri")
     @classmethod
     def _known_scheme(cls, v: str | None) -> str | None:
-        """A local path (``file://`` is accepted and dropped) or ``s3://bucket/key``, parsed by job.locations."""
+        """A local path (``file://`` is accepted and dropped) or ``s3://bucket/key``, parsed by job.store.locations."""
         if v is None:
             return v
         if not v.strip():
@@ -176,8 +175,6 @@ class Settings(BaseSettings):
     @field_validator("channel")
     @classmethod
     def _channel_is_a_name(cls, v: str | None) -> str | None:
-        from job.channel import check_channel_name
-
         return check_channel_name(v) if v is not None else v
 
     @field_validator("report_to")
@@ -221,11 +218,6 @@ class Settings(BaseSettings):
     def public_dict(self) -> dict:
         """The resolved settings with anything secret-looking redacted, for manifests and logs."""
         return redact(self.model_dump())
-
-
-def is_run_id(value) -> bool:
-    """Whether ``value`` is a run id the job could have written (a safe single key segment)."""
-    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
 
 
 def env_name(field: str) -> str:
@@ -297,7 +289,7 @@ def _cross_checks(s: Settings) -> list[str]:
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
     if s.trackers:
-        from job.tracking import tracker_problems  # imports transformers: only when a tracker is asked for
+        from job.observe.tracking import tracker_problems  # imports transformers: only when a tracker is asked for
 
         problems.extend(f"QA_REPORT_TO: {p}" for p in tracker_problems(s.trackers))
     return problems

@@ -12,8 +12,8 @@ from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataColl
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from job.errors import ConfigError, StorageUnavailable
-from job.logs import resolve_format
-from job.tracking import trainer_integrations
+from job.observe.logs import resolve_format
+from job.observe.tracking import trainer_integrations
 from job.recipe import Recipe, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
         save_strategy="no",
         save_total_limit=None,
-        # TensorBoard runs as job.tracking.RunTensorBoard (the run's own folder); the others as the Trainer has them
+        # TensorBoard runs as job.observe.tracking.RunTensorBoard (the run's own folder); the others as the Trainer has them
         report_to=trainer_integrations(settings.trackers),
         # bars only for JSON lines on a terminal: the text format has its own progress lines
         disable_tqdm=not sys.stdout.isatty() or resolve_format(settings.log_format) == "text",

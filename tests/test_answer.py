@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from job.answer import WINDOWS_PER_BATCH, QuestionAnswerer, fetch_model
+from job.answer import QuestionAnswerer, fetch_model
+from job.squad.answer import WINDOWS_PER_BATCH
 from tests.support.jobrun import job_env, run_job
 
 CONTEXT = "The Denver Broncos defeated the Carolina Panthers to win Super Bowl 50 in Santa Clara."

@@ -158,8 +158,8 @@ def test_job_trains_and_publishes_to_s3(s3_bucket, assets, containers):
 
 
 def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, containers):
-    from job.checkpoints import MARKER, PREFIX
     from job.publish import COMPLETE
+    from job.store.checkpoints import MARKER, PREFIX
 
     run_id = f"ctr-{uuid.uuid4().hex[:8]}"
     # long enough that it is still training when stopped (CI saw ~60 steps pass between the

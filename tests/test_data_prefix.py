@@ -8,7 +8,7 @@ import pytest
 from job.data import load_split
 from job.errors import DataError
 from job.settings import load_settings
-from job.storage import RetryPolicy
+from job.store.storage import RetryPolicy
 from tests.conftest import DATA
 
 ROWS = [json.loads(line) for line in (DATA / "squad_v1_train_64.jsonl").read_text().splitlines()]

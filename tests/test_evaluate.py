@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from job.evaluate import evaluate, length_order, restore_order
-from job.features import feature_dataset
+from job.preprocess import feature_dataset
 from job.settings import load_settings
 from tests.support.jobrun import DATA
 

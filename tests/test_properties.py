@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from job.data import validate_rows
 from job.errors import ConfigError, DataError
-from job.redaction import register_secrets
+from job.observe.redaction import register_secrets
 from job.settings import known_variables, load_settings
 from tests.support.jobrun import DATA, job_env, run_job
 

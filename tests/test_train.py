@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from job.features import train_features
 from job.recipe import Machine, resolve_recipe
 from job.settings import load_settings
+from job.squad.features import train_features
 from job.train import build_trainer, cpu_has_bf16, load_model, training_arguments
 
 

@@ -15,26 +15,24 @@ Layout under ``QA_OUTPUT_URI`` (object storage only, no other service):
   decision), for skip-if-unchanged and retention.
 
 Nothing read here is trusted: a pointer or history entry of the wrong shape is a ``CorruptPointer``
-(exit 3) and nothing moves. ``python -m job.channel`` is the operator's command line (channel_cli).
+(exit 3) and nothing moves. ``python -m job.channel`` is the operator's command line (``job.channels.cli``).
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import uuid
 from dataclasses import dataclass
 
+from job.channels.pointer import encode
+from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
-from job.locations import UnsafeName
-from job.pointer import encode, problem as pointer_problem
-from job.settings import is_run_id
-from job.storage import LocalStorage, NotFound, PreconditionFailed, Storage
+from job.store.locations import UnsafeName, check_channel_name, is_run_id
+from job.store.storage import LocalStorage, NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 PREFIX = "channels/"
 MAX_TRIES = 5  # compare-and-swap attempts before giving up (exit 75: a rerun tries again)
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class CorruptPointer(DataError):
@@ -55,18 +53,10 @@ class ChannelBusy(StorageUnavailable):
 
 def open_channel(settings) -> "Channel":
     """The channel ``QA_CHANNEL`` in storage rooted at ``QA_OUTPUT_URI``, with the job's retry policy."""
-    from job.storage import RetryPolicy, open_storage
+    from job.store.storage import RetryPolicy, open_storage
 
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     return Channel(open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region), settings.channel)
-
-
-def check_channel_name(name) -> str:
-    """A channel name is one safe key segment; raises UnsafeName (a ValueError) otherwise."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise UnsafeName(f"invalid channel name {str(name)[:70]!r}: 1-63 letters, digits, '.', '_' or '-', "
-                         "starting with a letter or digit, no '/' or '..'")
-    return name
 
 
 @dataclass(frozen=True)
@@ -231,10 +221,3 @@ class Channel:
                 out.append(record)
         return sorted(out, key=lambda r: (r["decided_at"], r["run_id"]))
 
-
-if __name__ == "__main__":
-    import sys
-
-    from job.channel_cli import main
-
-    sys.exit(main())

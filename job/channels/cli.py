@@ -12,9 +12,10 @@ import argparse
 import json
 import os
 
-from job.channel import Channel, CorruptPointer, Version
-from job.errors import EXIT_OK, ConfigError, run_command_line
-from job.pointer import encode, next_version, now, published_run
+from job.channels.channel import Channel, CorruptPointer, Version
+from job.channels.pointer import encode, next_version, now, published_run
+from job.errors import EXIT_OK, ConfigError
+from job.observe.console import run_command_line
 
 PROGRAM = "qa-finetune channel"
 COMMANDS = ("show", "history", "promote", "rollback", "hold", "release")
@@ -32,7 +33,7 @@ def main(argv=None, environ=None) -> int:
     parser.add_argument("--endpoint-url", default=environ.get("QA_S3_ENDPOINT_URL") or None)
     parser.add_argument("--region", default=environ.get("QA_S3_REGION") or None)
     args = parser.parse_args(argv)
-    from job.redaction import register_secrets
+    from job.observe.redaction import register_secrets
 
     register_secrets(environ)
     code, result = run_command_line(PROGRAM, lambda: run_command(args))
@@ -43,10 +44,10 @@ def main(argv=None, environ=None) -> int:
 
 
 def run_command(args):
-    from job.storage import COMMAND_LINE_POLICY, open_storage
+    from job.store.storage import COMMAND_LINE_POLICY, open_storage
 
     if args.output.startswith("s3://"):
-        from job.locations import UnsafeName, parse_s3
+        from job.store.locations import UnsafeName, parse_s3
 
         try:
             parse_s3(args.output)
@@ -125,7 +126,7 @@ def hold(channel: Channel, held: bool, reason: str) -> dict:
 
 def _repair(channel: Channel, run: dict, reason: str) -> dict:
     """Replace a pointer that does not parse: still a conditional write, against the broken object's ETag."""
-    from job.storage import NotFound, PreconditionFailed
+    from job.store.storage import NotFound, PreconditionFailed
 
     try:
         raw, etag = channel.store.get_bytes(channel.key)  # the ETag of exactly what is judged corrupted

@@ -58,7 +58,7 @@ def paired_bootstrap(differences, resamples: int = RESAMPLES, confidence: float 
 def decide(candidate: dict[str, dict], holder: dict[str, dict] | None, policy: GatePolicy) -> dict:
     """The gate's decision with every number behind it.
 
-    ``candidate`` and ``holder`` map question id -> per-question scores (``job.squad_metrics.
+    ``candidate`` and ``holder`` map question id -> per-question scores (``job.squad.metrics.
     per_example_scores``). Returns ``{"promote": bool, "reason": ..., "message": ..., numbers}``.
     """
     metric = policy.metric

@@ -10,16 +10,14 @@ import logging
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.locations import join
-from job.settings import is_run_id
+from job.store.locations import is_run_id, join
+from job.store.models import fetch_model
 
 log = logging.getLogger(__name__)
 
 
 def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
     """A local copy of ``<QA_OUTPUT_URI>/<run_id>/model`` (only the model's own files, names confined)."""
-    from job.answer import fetch_model
-
     if not is_run_id(run_id):
         raise ConfigError(f"invalid run id {str(run_id)[:80]!r} recorded for the channel")
     dest.mkdir(parents=True, exist_ok=True)
@@ -31,7 +29,7 @@ def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str,
     import torch
 
     from job.evaluate import evaluate
-    from job.features import feature_dataset, preprocess_workers
+    from job.preprocess import feature_dataset, preprocess_workers
     from job.train import build_trainer, load_model, resolve_precision, training_arguments
 
     work = Path(settings.work_dir) / settings.run_id / "holder" / run_id

@@ -1,7 +1,7 @@
 """Before anything is tokenized, with a channel set: is there anything new to learn tonight, and from what?
 
 Skip-if-unchanged: tonight's recipe (the training and eval data's sha256, the base model, every
-training setting, the job's version: ``job.fingerprint.recipe``) is compared with the holder's and
+training setting, the job's version: ``job.store.fingerprint.recipe``) is compared with the holder's and
 with every earlier complete run gated for the channel. A match ends the night at once: the
 decision goes to ``<run>/promotion.json`` and an ``unchanged`` event, and nothing is trained.
 
@@ -20,14 +20,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from job.channel import Channel, open_channel
-from job.fingerprint import BASE_INIT, recipe, training_inputs
-from job.pointer import now
+from job.channels.channel import Channel, open_channel
+from job.channels.pointer import now
 from job.publish import RUN_RECORD
-from job.storage import NotFound
+from job.store.fingerprint import BASE_INIT, recipe, training_inputs
+from job.store.storage import NotFound
 
 log = logging.getLogger(__name__)
-DECISION = "promotion.json"  # the night's decision, in the run folder (also written by job.promotion)
+DECISION = "promotion.json"  # the night's decision, in the run folder (also written by job.channels.promotion)
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def init_model(settings, night: Night, local_rank: int = 0) -> str:
     """
     if night.init.get("from") != "channel":
         return settings.model_name
-    from job.holder import fetch_run_model
+    from job.channels.holder import fetch_run_model
 
     dest = Path(settings.work_dir) / settings.run_id / (f"init-model-{local_rank}" if local_rank else "init-model")
     shutil.rmtree(dest, ignore_errors=True)

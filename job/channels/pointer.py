@@ -11,10 +11,9 @@ import json
 import time
 
 from job.errors import ConfigError
-from job.fingerprint import eval_fingerprint, recipe
-from job.locations import join
-from job.settings import is_run_id
-from job.storage import NotFound, Storage
+from job.store.fingerprint import eval_fingerprint, recipe
+from job.store.locations import is_run_id, join
+from job.store.storage import NotFound, Storage
 
 SCHEMA = 1
 _TEXT_FIELDS = ("model_uri", "fingerprint", "recipe", "data_fingerprint", "eval_fingerprint", "promoted_at",

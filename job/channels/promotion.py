@@ -1,13 +1,13 @@
 """After a run is published: gate it against the channel's holder and move the pointer if it passes.
 
-The loop, bounded by ``job.channel.MAX_TRIES``:
+The loop, bounded by ``job.channels.channel.MAX_TRIES``:
 
 1. read the pointer and its ETag (and write the history entry of that version if a killed mover
    left it out);
 2. score candidate and holder per question on the same eval examples: the holder's published
    predictions when its eval fingerprint equals this run's, else the holder's model re-scored on
    this run's eval set;
-3. decide (``job.gate``) and write the decision with every number to ``<run>/promotion.json``
+3. decide (``job.channels.gate``) and write the decision with every number to ``<run>/promotion.json``
    and the channel's run record, *before* acting;
 4. unless rejected or the channel is held: check this process still holds the run lease, then
    swap the pointer with a conditional write against the ETag of step 1; on a lost race, go back
@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import logging
 
-from job import gate
-from job.channel import MAX_TRIES, ChannelBusy, open_channel
+from job.channels import gate
+from job.channels.channel import MAX_TRIES, ChannelBusy, open_channel
+from job.channels.nightly import DECISION
+from job.channels.pointer import next_version, now, published_run
 from job.data import load_split
 from job.errors import DataError
-from job.nightly import DECISION
-from job.pointer import next_version, now, published_run
-from job.squad_metrics import per_example_scores
-from job.storage import NotFound, PreconditionFailed, RetryPolicy
+from job.squad.metrics import per_example_scores
+from job.store.storage import NotFound, PreconditionFailed, RetryPolicy
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _holder_scores(ctx, channel, holder: dict, candidate: dict, rows: list[dict]
         except DataError as exc:
             log.warning("holder predictions unusable; re-scoring its model", extra={"event": "holder_predictions_unusable",
                                                                                   "reason": str(exc)[:200]})
-    from job.holder import predictions
+    from job.channels.holder import predictions
 
     rescored = predictions(settings, holder["run_id"], rows, stop=ctx.stop)
     return per_example_scores(rows, rescored, settings.squad_v2), "re-scored on this run's eval set"
@@ -168,6 +168,6 @@ def _event(settings, decision: str, message: str, verdict: dict, holder: dict | 
 
 
 def _prune(ctx, channel) -> None:
-    from job.retention import prune
+    from job.channels.retention import prune
 
     prune(ctx, channel)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 
-from job.pointer import now
+from job.channels.pointer import now
 
 log = logging.getLogger(__name__)
 BULKY = ("checkpoints/", "cache/")

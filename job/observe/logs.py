@@ -2,27 +2,18 @@
 
 ``QA_LOG_FORMAT=auto`` picks JSON when stdout is not a terminal (Kubernetes, CI, a pipe) and text
 on a terminal. Both formats show the same records, and every line of either passes through
-``job.redaction``. Library records are cleaned on the way: terminal colour codes go, and the
-transformers model-loading report becomes one ``model_load_report`` event listing the weights.
+``job.observe.redaction``. Library records are cleaned on the way (``job.observe.records``).
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 import sys
 import time
 
-from job.redaction import redact, redact_text
-
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")  # CSI sequences: colours, bold, cursor moves
-_REPORT = re.compile(r"(?P<model>\w+) LOAD REPORT from: (?P<source>.*)")
-
-
-def record_fields(record: logging.LogRecord) -> dict:
-    """What a record carries beyond the standard attributes (the ``extra=`` of the call)."""
-    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+from job.observe.records import LibraryRecords, record_fields
+from job.observe.redaction import redact, redact_text
+from job.observe.textlog import TextFormatter
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,54 +37,6 @@ class JsonFormatter(logging.Formatter):
         return redact_text(json.dumps(redact(entry), default=str))
 
 
-class LibraryRecords(logging.Filter):
-    """Records of other libraries without colour codes; the model-loading report as one event."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "job" or record.name.startswith("job."):
-            return True
-        message = record.getMessage()
-        clean = _ANSI.sub("", message)
-        report = parse_load_report(clean)
-        if report is not None:
-            clean = report.pop("message")
-            record.__dict__.update({"event": "model_load_report", **report})
-        elif record.levelno >= logging.WARNING and "event" not in record.__dict__:
-            record.event = "library_warning"
-        if clean != message:
-            record.msg, record.args = clean, ()
-        return True
-
-
-def parse_load_report(text: str) -> dict | None:
-    """transformers' "<Model> LOAD REPORT" table as ``{model_class, missing: [...], unexpected: [...], ...}``."""
-    lines = text.splitlines()
-    head = _REPORT.match(lines[0].strip()) if lines else None
-    if head is None:
-        return None
-    by_status: dict[str, list[str]] = {}
-    in_table = False
-    for line in lines[1:]:
-        if set(line.strip()) <= set("-+") and line.strip():
-            in_table = True  # the rule under the header row
-            continue
-        if not in_table or "|" not in line:
-            in_table = in_table and bool(line.strip())
-            continue
-        cells = [c.strip() for c in line.split("|")]
-        if len(cells) >= 2 and cells[0] and cells[1]:
-            by_status.setdefault(cells[1].lower(), []).append(cells[0])
-    by_status = {status: sorted(keys) for status, keys in by_status.items()}  # the report's order varies
-    parts = []
-    if by_status.get("missing"):
-        parts.append(f"newly initialised (not in the checkpoint): {', '.join(by_status['missing'])}")
-    if by_status.get("unexpected"):
-        parts.append(f"in the checkpoint but unused: {', '.join(by_status['unexpected'])}")
-    parts += [f"{status}: {', '.join(keys)}" for status, keys in by_status.items() if status not in ("missing", "unexpected")]
-    message = f"{head['model']} weights " + ("; ".join(parts) if parts else "loaded with remarks")
-    return {"message": message, "model_class": head["model"], **by_status}
-
-
 def resolve_format(setting: str, stream=None) -> str:
     """``json`` or ``text``: ``auto`` is text only when the stream is a terminal."""
     if setting != "auto":
@@ -104,8 +47,6 @@ def resolve_format(setting: str, stream=None) -> str:
 
 def make_formatter(fmt: str, rank: int | None = None) -> logging.Formatter:
     if resolve_format(fmt) == "text":
-        from job.textlog import TextFormatter
-
         return TextFormatter(rank)
     return JsonFormatter(rank)
 

@@ -10,8 +10,8 @@ import json
 import re
 from pathlib import Path
 
-from job.curves import FILENAME as CURVES
-from job.locations import is_s3
+from job.observe.curves import FILENAME as CURVES
+from job.store.locations import is_s3
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
 

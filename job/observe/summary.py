@@ -1,6 +1,6 @@
 """The last thing a run says: scores against the untrained head, time, where the results are, how to use them.
 
-One ``summary`` event: a JSON line for machines, a short block for people (``job.textlog``).
+One ``summary`` event: a JSON line for machines, a short block for people (``job.observe.textlog``).
 """
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from job.curves import FILENAME as CURVES
-from job.locations import is_s3, join
+from job.observe.curves import FILENAME as CURVES
+from job.store.locations import is_s3, join
 
 log = logging.getLogger(__name__)
 # a question anyone can check by eye; the command is meant to be copied and changed

@@ -2,15 +2,15 @@
 
 ``HH:MM:SS  event        what happened``: the same records as the JSON lines, one line each
 (the closing summary is a small block). Known events get a sentence; any other record shows its
-message and fields. Everything passes through ``job.redaction`` like the JSON lines.
+message and fields. Everything passes through ``job.observe.redaction`` like the JSON lines.
 """
 from __future__ import annotations
 
 import logging
 import time
 
-from job.logs import record_fields
-from job.redaction import redact, redact_text
+from job.observe.records import record_fields
+from job.observe.redaction import redact, redact_text
 
 _WIDTH = 11  # the event column
 

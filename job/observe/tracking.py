@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers.integrations import TensorBoardCallback
 
 from job.errors import StorageDenied, StorageUnavailable
-from job.locations import UnsafeName, check_name, confine
+from job.store.locations import UnsafeName, check_name, confine
 
 log = logging.getLogger(__name__)
 ARCHIVE = "tensorboard.tar"  # inside each checkpoint folder

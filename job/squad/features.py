@@ -1,4 +1,4 @@
-"""Turn SQuAD rows into span-aligned, stride-windowed features, cached per data and tokenizer.
+"""Turn SQuAD rows into span-aligned, stride-windowed features: pure functions of the tokenizer and the rows.
 
 Long contexts become several windows of at most ``QA_MAX_LENGTH`` tokens that overlap by
 ``QA_DOC_STRIDE`` tokens. A training window is labelled with the answer's token start/end only when
@@ -11,14 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from job.parallel import map_chunks
-
 log = logging.getLogger(__name__)
 CHUNK = 1000  # rows per tokenizer call, and per task of the preprocessing workers
 QUESTION_ADVANCE = 8  # the fewest new context tokens a window brings, however long the question
-# Past this many workers the gain is small (the rows are copied into each, the parent merges
-# alone) and a shared node's other tenants lose their cores.
-MAX_PREPROCESS_WORKERS = 8
 
 
 def label_window(offsets: Sequence[tuple[int, int]], sequence_ids: Sequence[int | None], answer_start: int | None,
@@ -129,44 +124,3 @@ def eval_features(tokenizer, rows: Sequence[dict], max_length: int, stride: int)
                 [list(o) if s == 1 else [-1, -1] for o, s in zip(enc["offset_mapping"][i], seq)]
             )
     return columns
-
-
-def feature_dataset(kind: str, tokenizer, rows: Sequence[dict], max_length: int, stride: int, workers: int = 1):
-    """``train_features`` or ``eval_features`` (``kind`` "train"/"eval") of every row, as a ``datasets.Dataset``.
-
-    CHUNK rows at a time, by ``workers`` processes (one = in this process). Every chunk is turned
-    into an Arrow table where it was computed: the parent only concatenates them, and holds
-    compact arrays instead of millions of Python ints. The result is the same, row for row and
-    type for type, as ``Dataset.from_dict`` of the whole ``*_features`` output, whatever ``workers``.
-    """
-    import datasets
-
-    tables = list(map_chunks(_chunk_table, range(0, len(rows), CHUNK), workers, tokenizer, rows,
-                             kind=kind, max_length=max_length, stride=stride))
-    if not tables:
-        return datasets.Dataset.from_dict(_empty_columns(kind, tokenizer))
-    return datasets.concatenate_datasets([datasets.Dataset(t) for t in tables])
-
-
-def _chunk_table(tokenizer, rows: Sequence[dict], begin: int, kind: str, max_length: int, stride: int):
-    import datasets
-
-    chunk = rows[begin:begin + CHUNK]
-    if kind == "train":
-        columns = train_features(tokenizer, chunk, max_length, stride)
-    else:
-        columns = eval_features(tokenizer, chunk, max_length, stride)
-        columns["example_index"] = [begin + i for i in columns["example_index"]]  # chunk row -> dataset row
-    return datasets.Dataset.from_dict(columns).data.table
-
-
-def _empty_columns(kind: str, tokenizer) -> dict[str, list]:
-    extra = ("start_positions", "end_positions") if kind == "train" else ("example_index", "offset_mapping")
-    return {name: [] for name in (*tokenizer.model_input_names, *extra)}
-
-
-def preprocess_workers(settings) -> int:
-    """``QA_PREPROCESS_WORKERS``, or the usable CPUs up to MAX_PREPROCESS_WORKERS."""
-    from job.recipe import usable_cpus
-
-    return settings.preprocess_workers or min(usable_cpus(), MAX_PREPROCESS_WORKERS)

@@ -10,7 +10,7 @@ The first process of every other node uploads them and writes ``nodes/<node>.jso
 commits only once every node's part is in storage, and its marker lists every rank's files.
 
 Nothing in a marker is trusted: ``read_marker`` checks its shape, every file name is confined to
-the checkpoint folder by ``job.locations.confine``, and any checkpoint that fails is skipped.
+the checkpoint folder by ``job.store.locations.confine``, and any checkpoint that fails is skipped.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from job.errors import StorageUnavailable
-from job.locations import UnsafeName, check_name, confine
-from job.storage import NotFound, Storage, sha256_file
-from job.uploader import Uploader
+from job.store.locations import UnsafeName, check_name, confine
+from job.store.storage import NotFound, Storage, sha256_file
+from job.store.uploader import Uploader
 
 log = logging.getLogger(__name__)
 PREFIX = "checkpoints/"

@@ -1,5 +1,7 @@
 """Tokenized features, cached locally and in the run's storage, and verified before they are used.
 
+``job.preprocess`` builds the features; this module keys, verifies, uploads and downloads them.
+
 A cache folder ``cache/features-<key>/`` holds ``train.parquet``, ``eval.parquet`` and, written
 last, ``features.json`` listing each file's size and sha256: the same commit-marker rule as
 checkpoints. A cache that does not verify (replaced, truncated, half-uploaded, unreadable) is
@@ -11,25 +13,14 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
-from job.errors import DataError
-from job.features import feature_dataset, preprocess_workers
-from job.storage import NotFound, sha256_file
+from job.store.storage import NotFound, sha256_file
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "2"  # bump when the feature layout changes, so old caches are not reused
 NAMES = ("train.parquet", "eval.parquet")
 MANIFEST = "features.json"
-
-
-@dataclass
-class Features:
-    train: object  # datasets.Dataset
-    eval: object  # datasets.Dataset
-    cache_key: str
-    cache_hit: str  # "local", "remote" or "miss"
 
 
 def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, settings) -> str:
@@ -40,46 +31,18 @@ def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, setting
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
 
-def build_features(settings, tokenizer, train, evals, store, is_writer: bool) -> Features:
-    """Load the features from the local or remote cache, or tokenize and cache them."""
-    key = cache_key(tokenizer, settings.model_name, train.sha256, evals.sha256, settings)
-    local = Path(settings.work_dir) / settings.run_id / "features" / key
-    remote = f"cache/features-{key}/"
-    hit, loaded = "miss", None
-    if _verified(local):
-        hit, loaded = "local", _read(local)
-    if loaded is None and store is not None and _download(store, remote, local):
-        hit, loaded = "remote", _read(local)
-    if loaded is None:
-        hit = "miss"
-        _build(settings, tokenizer, train, evals, local)
-        if store is not None and is_writer:
-            for name in (*NAMES, MANIFEST):  # the manifest last: a cache without it does not exist
-                store.put_file(local / name, remote + name)
-        loaded = _read(local)
-        if loaded is None:
-            raise DataError(f"the features just built in {local} cannot be read back")
-    train_ds, eval_ds = loaded
-    if len(train_ds) == 0:
-        raise DataError("no training windows produced: check QA_MAX_LENGTH and the data")
-    log.info("features ready", extra={"event": "features", "cache": hit, "cache_key": key,
-                                       "train_windows": len(train_ds), "eval_windows": len(eval_ds)})
-    return Features(train_ds, eval_ds, key, hit)
-
-
-def _build(settings, tokenizer, train, evals, local: Path) -> None:
-    local.mkdir(parents=True, exist_ok=True)
-    (local / MANIFEST).unlink(missing_ok=True)
-    workers = preprocess_workers(settings)  # the same features whatever the count (tests/test_parallel.py)
-    for kind, split, name in (("train", train, NAMES[0]), ("eval", evals, NAMES[1])):
-        dataset = feature_dataset(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers)
-        tmp = local / f".{name}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
-        dataset.to_parquet(str(tmp))
-        tmp.replace(local / name)
+def write_manifest(local: Path) -> None:
+    """Write ``features.json`` for the files in ``local``, last: until it exists the cache does not."""
     manifest = {name: {"size": (local / name).stat().st_size, "sha256": sha256_file(local / name)} for name in NAMES}
     tmp = local / f".{MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest))
     tmp.replace(local / MANIFEST)
+
+
+def upload(store, local: Path, remote: str) -> None:
+    """Put a verified cache folder into storage, the manifest last: a cache without it does not exist."""
+    for name in (*NAMES, MANIFEST):
+        store.put_file(local / name, remote + name)
 
 
 def _listed(raw: bytes) -> dict | None:
@@ -96,7 +59,7 @@ def _listed(raw: bytes) -> dict | None:
         return None
 
 
-def _verified(local: Path) -> bool:
+def verified(local: Path) -> bool:
     try:
         manifest = _listed((local / MANIFEST).read_bytes())
     except OSError:
@@ -109,7 +72,7 @@ def _verified(local: Path) -> bool:
     return ok
 
 
-def _download(store, remote: str, local: Path) -> bool:
+def download(store, remote: str, local: Path) -> bool:
     """Fetch a committed remote cache and verify it; False (nothing trusted) when absent or invalid."""
     if remote + MANIFEST not in set(store.list(remote)):
         return False
@@ -130,7 +93,7 @@ def _download(store, remote: str, local: Path) -> bool:
         return False
 
 
-def _read(local: Path):
+def read(local: Path):
     import datasets
 
     try:

@@ -50,9 +50,10 @@ def job_version() -> str:
         version = metadata.version("qa-finetune")
     except metadata.PackageNotFoundError:
         version = "0"
+    package = Path(__file__).resolve().parents[1]  # job/, every subpackage included
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(package.rglob("*.py")):
+        h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return f"{version}+{h.hexdigest()[:12]}"
 
 

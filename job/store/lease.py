@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from job.errors import RunLocked, StorageDenied, StorageUnavailable
-from job.storage import NotFound, PreconditionFailed, Storage
+from job.store.storage import NotFound, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 KEY = "lease.json"

@@ -23,6 +23,10 @@ _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _IP = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f?#\\]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f\\]")
+# Run ids and channel names become one key segment each (``<output>/<run_id>/``,
+# ``channels/<name>.json``): the settings and the channel store check them with the same rules.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CHANNEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 
 class UnsafeName(ValueError):
@@ -92,3 +96,16 @@ def confine(root: Path, name: str) -> Path:
     if not path.resolve().is_relative_to(Path(root).resolve()):
         raise UnsafeName(f"name leaves its folder: {name[:80]!r}")
     return path
+
+
+def is_run_id(value) -> bool:
+    """Whether ``value`` is a run id the job could have written (a safe single key segment)."""
+    return isinstance(value, str) and _RUN_ID.fullmatch(value) is not None
+
+
+def check_channel_name(name) -> str:
+    """A channel name is one safe key segment; raises UnsafeName (a ValueError) otherwise."""
+    if not isinstance(name, str) or not _CHANNEL.fullmatch(name) or ".." in name:
+        raise UnsafeName(f"invalid channel name {str(name)[:70]!r}: 1-63 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit, no '/' or '..'")
+    return name

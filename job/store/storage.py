@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 from job.errors import StorageDenied, StorageUnavailable
-from job.locations import UnsafeName, confine, local_path, parse_s3
+from job.store.locations import UnsafeName, confine, local_path, parse_s3
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -2,7 +2,7 @@
 
 Newer checkpoints supersede queued older ones, so an outage costs uploads, not training time.
 Transient failures are retried with backoff until ``close``'s deadline. What an upload does is
-the ``commit`` callable's business (``job.checkpoints.CheckpointSync``).
+the ``commit`` callable's business (``job.store.checkpoints.CheckpointSync``).
 """
 from __future__ import annotations
 

@@ -8,11 +8,11 @@ import threading
 
 import pytest
 
-from job.channel import Channel, ChannelBusy, ConditionalWritesUnsupported
-from job.channel_cli import main, promote
+from job.channels.channel import Channel, ChannelBusy, ConditionalWritesUnsupported
+from job.channels.cli import main, promote
+from job.channels.pointer import next_version, published_run
 from job.errors import EXIT_CONFIG, EXIT_DATA
-from job.pointer import next_version, published_run
-from job.storage import LocalStorage, PreconditionFailed, RetryPolicy, open_storage
+from job.store.storage import LocalStorage, PreconditionFailed, RetryPolicy, open_storage
 
 
 def fake_run(store, run_id, f1=50.0, complete=True):

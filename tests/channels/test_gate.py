@@ -1,7 +1,7 @@
 """The quality gate: paired bootstrap over per-question differences, and the decision rule."""
 import pytest
 
-from job.gate import GatePolicy, decide, paired_bootstrap
+from job.channels.gate import GatePolicy, decide, paired_bootstrap
 
 
 def scores(values, metric="f1"):

@@ -240,8 +240,8 @@ def test_racing_promotions_one_winner_the_other_gated_again(chain):
 
 def test_sigkill_at_each_promotion_step_leaves_a_valid_pointer_and_a_rerun_converges(chain):
     needs(chain, "z0")
-    from job.channel import Channel
-    from job.storage import LocalStorage
+    from job.channels.channel import Channel
+    from job.store.storage import LocalStorage
 
     check = Channel(LocalStorage(Path("unused")), "production")
     place, before = chain.place, chain.pointers["y"]
@@ -268,12 +268,12 @@ def test_warm_start_begins_exactly_where_the_holder_is(chain, tmp_path, monkeypa
     import datasets
     import torch
 
+    from job.channels.nightly import Night, init_model
     from job.data import load_split
     from job.evaluate import evaluate
-    from job.features import eval_features
-    from job.nightly import Night, init_model
     from job.settings import load_settings
-    from job.storage import RetryPolicy
+    from job.squad.features import eval_features
+    from job.store.storage import RetryPolicy
     from job.train import build_trainer, load_model, training_arguments
 
     place = chain.place
@@ -333,7 +333,7 @@ def test_prefix_with_only_unsupported_files_is_a_data_error(tmp_path, tiny_model
 
 
 def test_warm_starts_in_a_row_are_limited():
-    from job.nightly import choose_init
+    from job.channels.nightly import choose_init
     from job.settings import load_settings
 
     settings = load_settings({"QA_CHANNEL": "production", "QA_INIT_FROM": "channel", "QA_WARM_START_LIMIT": "2"})

@@ -4,9 +4,10 @@ import logging
 
 import pytest
 
-from job.logs import JsonFormatter, LibraryRecords, parse_load_report
-from job.redaction import register_secrets
-from job.textlog import TextFormatter
+from job.observe.logs import JsonFormatter
+from job.observe.records import LibraryRecords, parse_load_report
+from job.observe.redaction import register_secrets
+from job.observe.textlog import TextFormatter
 
 # what transformers 5 logs when a base model gets a fresh QA head (colour codes included)
 LOAD_REPORT = ("\x1b[1mBertForQuestionAnswering LOAD REPORT\x1b[0m from: /models/minilm\n"

@@ -1,7 +1,7 @@
 """The model card names the base model by its hub id, never by a path on the training machine."""
 import json
 
-from job.model_card import base_model
+from job.observe.model_card import base_model
 from tests.support.tiny import MINILM
 
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from job.answer import QuestionAnswerer
-from job.squad_metrics import squad_scores
+from job.squad.metrics import squad_scores
 from tests.support.jobrun import DATA, ROOT, _child_env, job_env, run_job
 from tests.test_job_local import one_line_error
 

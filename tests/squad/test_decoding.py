@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from job.decoding import count_nonfinite, decode_all, decode_answer
+from job.squad.decoding import count_nonfinite, decode_all, decode_answer
 
 CONTEXT = "Paris is the capital of France."
 #            0-5    6-8 9-12 13-20 21-23 24-31

@@ -1,7 +1,7 @@
 """Span labelling: a pure function, table-driven, then checked on real windows."""
 import pytest
 
-from job.features import eval_features, feature_dataset, label_window, train_features
+from job.squad.features import eval_features, label_window, train_features
 
 # One window: [CLS] q q [SEP] c0 c1 c2 c3 [SEP]; context tokens cover characters 0-4, 5-9, 10-14, 15-19.
 OFFSETS = [(0, 0), (0, 3), (4, 8), (0, 0), (0, 4), (5, 9), (10, 14), (15, 19), (0, 0)]
@@ -67,52 +67,3 @@ def test_leading_whitespace_in_question_is_stripped(tokenizer, train_rows):
     cols = train_features(tokenizer, [row], 384, 128)
     assert (cols["start_positions"][0], cols["end_positions"][0]) == tuple(
         train_features(tokenizer, [train_rows[0]], 384, 128)[k][0] for k in ("start_positions", "end_positions"))
-
-
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Chunks of 10 rows, so the 64 test rows make 7 chunks and two workers really share them."""
-    import job.features
-
-    monkeypatch.setattr(job.features, "CHUNK", 10)
-
-
-@pytest.mark.parametrize("kind, serial", [("train", train_features), ("eval", eval_features)])
-def test_parallel_preprocessing_equals_serial(tokenizer, train_rows, small_chunks, kind, serial):
-    import datasets
-
-    # today's path: one call over every row, then a Dataset; with stride splits across chunk boundaries
-    reference = datasets.Dataset.from_dict(serial(tokenizer, train_rows, 128, 48))
-    for workers in (1, 2, 3):
-        got = feature_dataset(kind, tokenizer, train_rows, 128, 48, workers=workers)
-        assert got.features == reference.features, workers
-        assert got.data.table.equals(reference.data.table), workers  # same rows, same order, same labels
-    assert len(reference) > len(train_rows)
-
-
-def test_preprocessing_logs_its_workers(tokenizer, train_rows, small_chunks, caplog):
-    import logging
-
-    caplog.set_level(logging.INFO, logger="job.parallel")
-    feature_dataset("train", tokenizer, train_rows[:30], 128, 48, workers=2)
-    lines = [r for r in caplog.records if getattr(r, "event", None) == "preprocess"]
-    assert len(lines) == 1 and (lines[0].workers, lines[0].chunks) == (2, 3)
-
-
-def test_cache_key_does_not_depend_on_workers(tokenizer):
-    from job.feature_cache import cache_key
-    from job.settings import load_settings
-
-    keys = {cache_key(tokenizer, "m", "a", "b", load_settings({"QA_PREPROCESS_WORKERS": w})) for w in ("1", "2", "8")}
-    assert len(keys) == 1
-
-
-def test_default_workers_are_the_usable_cpus_capped(monkeypatch):
-    import job.recipe
-    from job.features import MAX_PREPROCESS_WORKERS, preprocess_workers
-    from job.settings import load_settings
-
-    for cpus, expected in ((1, 1), (2, 2), (64, MAX_PREPROCESS_WORKERS)):
-        monkeypatch.setattr(job.recipe, "usable_cpus", lambda: cpus)
-        assert preprocess_workers(load_settings({})) == expected
-    assert preprocess_workers(load_settings({"QA_PREPROCESS_WORKERS": "3"})) == 3

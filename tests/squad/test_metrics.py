@@ -1,7 +1,7 @@
 """EM/F1 by the official SQuAD v1.1 and v2.0 rules."""
 import pytest
 
-from job.squad_metrics import f1, normalize_answer, squad_scores
+from job.squad.metrics import f1, normalize_answer, squad_scores
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -43,7 +43,7 @@ def test_v1_empty_prediction_on_empty_normalised_gold_scores_zero_f1():
 
 @pytest.mark.parametrize("version_2", [False, True])
 def test_per_example_scores_average_to_the_official_scores(version_2):
-    from job.squad_metrics import per_example_scores
+    from job.squad.metrics import per_example_scores
 
     data = rows(("q1", ["February 7", "February 7, 2016"]), ("q2", ["Santa Clara"]), ("q3", []), ("q4", ["Denver Broncos"]))
     if not version_2:

@@ -11,8 +11,8 @@ import time
 import pytest
 
 from job.errors import RunLocked, StorageDenied, StorageUnavailable
-from job.lease import KEY, Lease, LeaseLost
-from job.storage import LocalStorage
+from job.store.lease import KEY, Lease, LeaseLost
+from job.store.storage import LocalStorage
 from tests.support.jobrun import ROOT, RunningJob, job_env, run_job
 
 
@@ -61,8 +61,8 @@ def test_live_holder_on_another_host_keeps_its_lease(tmp_path):
 HOLD = """
 import sys, time
 from pathlib import Path
-from job.lease import Lease
-from job.storage import LocalStorage
+from job.store.lease import Lease
+from job.store.storage import LocalStorage
 lease = Lease(LocalStorage(Path(sys.argv[1])), "r", ttl_seconds=300, lock_dir=Path(sys.argv[2]))
 lease.acquire()
 print("held", flush=True)

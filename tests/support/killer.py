@@ -46,12 +46,12 @@ def parse(spec: str):
 def install(actions) -> None:
     from transformers import Trainer
 
-    import job.channel
-    import job.lease
+    import job.channels.channel
+    import job.channels.promotion
     import job.pipeline
-    import job.promotion
     import job.publish
-    import job.storage
+    import job.store.lease
+    import job.store.storage
 
     lock = threading.Lock()
 
@@ -88,17 +88,17 @@ def install(actions) -> None:
 
     wrap(Trainer, "training_step", "train_step", before=False)
     wrap(Trainer, "_save_optimizer_and_scheduler", "save_optimizer")
-    for cls in (job.storage.LocalStorage, job.storage.S3Storage):
+    for cls in (job.store.storage.LocalStorage, job.store.storage.S3Storage):
         for name in ("put_file", "put_bytes", "delete", "get_file"):
             wrap(cls, name, name, keyed=True)
-    wrap(job.lease.Lease, "acquire", "lease", before=False)
+    wrap(job.store.lease.Lease, "acquire", "lease", before=False)
     wrap(job.pipeline, "train", "train_end", before=False)
     wrap(job.pipeline, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
-    wrap(job.promotion, "promote", "promote")
-    wrap(job.channel.Channel, "read", "pointer_read", before=False)
-    wrap(job.promotion, "write_decision", "decided", before=False)
-    wrap(job.channel.Channel, "swap", "pointer_write", before=False)
+    wrap(job.channels.promotion, "promote", "promote")
+    wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
+    wrap(job.channels.promotion, "write_decision", "decided", before=False)
+    wrap(job.channels.channel.Channel, "swap", "pointer_write", before=False)
 
 
 def meet(parties: int, timeout: float = 120.0) -> None:

@@ -1,0 +1,111 @@
+"""Preprocess: every row's stride windows and span labels, as Arrow tables, built in parallel and cached.
+
+The windows and labels themselves are ``job.squad.features`` (pure). Here they are computed
+``job.squad.features.CHUNK`` rows at a time by forked worker processes (``job.parallel``), each chunk turned into an
+Arrow table where it was computed, and the two splits cached in the run's storage
+(``job.store.feature_cache``): a resumed run on a fresh machine downloads them instead of
+tokenizing again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from job import recipe
+from job.errors import DataError
+from job.parallel import map_chunks
+from job.squad import features
+from job.store import feature_cache
+
+log = logging.getLogger(__name__)
+# Past this many workers the gain is small (the rows are copied into each, the parent merges
+# alone) and a shared node's other tenants lose their cores.
+MAX_PREPROCESS_WORKERS = 8
+
+
+@dataclass
+class Features:
+    train: object  # datasets.Dataset
+    eval: object  # datasets.Dataset
+    cache_key: str
+    cache_hit: str  # "local", "remote" or "miss"
+
+
+def build_features(settings, tokenizer, train, evals, store, is_writer: bool) -> Features:
+    """Load the features from the local or remote cache, or tokenize and cache them."""
+    key = feature_cache.cache_key(tokenizer, settings.model_name, train.sha256, evals.sha256, settings)
+    local = Path(settings.work_dir) / settings.run_id / "features" / key
+    remote = f"cache/features-{key}/"
+    hit, loaded = "miss", None
+    if feature_cache.verified(local):
+        hit, loaded = "local", feature_cache.read(local)
+    if loaded is None and store is not None and feature_cache.download(store, remote, local):
+        hit, loaded = "remote", feature_cache.read(local)
+    if loaded is None:
+        hit = "miss"
+        _build(settings, tokenizer, train, evals, local)
+        if store is not None and is_writer:
+            feature_cache.upload(store, local, remote)
+        loaded = feature_cache.read(local)
+        if loaded is None:
+            raise DataError(f"the features just built in {local} cannot be read back")
+    train_ds, eval_ds = loaded
+    if len(train_ds) == 0:
+        raise DataError("no training windows produced: check QA_MAX_LENGTH and the data")
+    log.info("features ready", extra={"event": "features", "cache": hit, "cache_key": key,
+                                       "train_windows": len(train_ds), "eval_windows": len(eval_ds)})
+    return Features(train_ds, eval_ds, key, hit)
+
+
+def _build(settings, tokenizer, train, evals, local: Path) -> None:
+    local.mkdir(parents=True, exist_ok=True)
+    (local / feature_cache.MANIFEST).unlink(missing_ok=True)
+    workers = preprocess_workers(settings)  # the same features whatever the count (tests/test_preprocess.py)
+    for kind, split, name in (("train", train, feature_cache.NAMES[0]), ("eval", evals, feature_cache.NAMES[1])):
+        dataset = feature_dataset(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers)
+        tmp = local / f".{name}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
+        dataset.to_parquet(str(tmp))
+        tmp.replace(local / name)
+    feature_cache.write_manifest(local)
+
+
+def feature_dataset(kind: str, tokenizer, rows: Sequence[dict], max_length: int, stride: int, workers: int = 1):
+    """``train_features`` or ``eval_features`` (``kind`` "train"/"eval") of every row, as a ``datasets.Dataset``.
+
+    ``features.CHUNK`` rows at a time, by ``workers`` processes (one = in this process). Every chunk is turned
+    into an Arrow table where it was computed: the parent only concatenates them, and holds
+    compact arrays instead of millions of Python ints. The result is the same, row for row and
+    type for type, as ``Dataset.from_dict`` of the whole ``*_features`` output, whatever ``workers``.
+    """
+    import datasets
+
+    tables = list(map_chunks(_chunk_table, range(0, len(rows), features.CHUNK), workers, tokenizer, rows,
+                             kind=kind, max_length=max_length, stride=stride))
+    if not tables:
+        return datasets.Dataset.from_dict(_empty_columns(kind, tokenizer))
+    return datasets.concatenate_datasets([datasets.Dataset(t) for t in tables])
+
+
+def _chunk_table(tokenizer, rows: Sequence[dict], begin: int, kind: str, max_length: int, stride: int):
+    import datasets
+
+    chunk = rows[begin:begin + features.CHUNK]
+    if kind == "train":
+        columns = features.train_features(tokenizer, chunk, max_length, stride)
+    else:
+        columns = features.eval_features(tokenizer, chunk, max_length, stride)
+        columns["example_index"] = [begin + i for i in columns["example_index"]]  # chunk row -> dataset row
+    return datasets.Dataset.from_dict(columns).data.table
+
+
+def _empty_columns(kind: str, tokenizer) -> dict[str, list]:
+    extra = ("start_positions", "end_positions") if kind == "train" else ("example_index", "offset_mapping")
+    return {name: [] for name in (*tokenizer.model_input_names, *extra)}
+
+
+def preprocess_workers(settings) -> int:
+    """``QA_PREPROCESS_WORKERS``, or the usable CPUs up to MAX_PREPROCESS_WORKERS."""
+    return settings.preprocess_workers or min(recipe.usable_cpus(), MAX_PREPROCESS_WORKERS)
