@@ -13,18 +13,17 @@ from job import publish
 from job.channels import nightly, promotion
 from job.data import load_splits
 from job.errors import ConfigError, RunLocked, StorageUnavailable
-from job.evaluate import evaluate
-from job.observe import summary, tracking
-from job.observe.periodic_eval import PeriodicEval
+from job.observe import summary
 from job.preemption import StopRequest
 from job.preprocess import build_features
 from job.settings import Settings
-from job.store import checkpoints
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
 from job.store.storage import LocalStorage, RetryPolicy, open_storage
-from job.train import (ProgressLog, build_trainer, check_window_fits, load_model, resolve_precision, train,
-                       training_arguments)
+
+# The modules that train (torch, transformers' Trainer: about 5 s to import) are imported where
+# training starts, after every early exit: a bad row, a finished run or a night with nothing new
+# to learn is reported in a second or two.
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
         return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
     ctx.check_stop()
+    from job.train import check_window_fits, load_model
+
     tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed, settings.attention)
     check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
@@ -119,6 +120,9 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
 
 def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
     import torch
+
+    from job.evaluate import evaluate
+    from job.train import resolve_precision, training_arguments
 
     settings, ranks = ctx.settings, ctx.ranks
     cuda = torch.cuda.is_available()
@@ -148,6 +152,11 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
 
 def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resume: Path | None):
     """The Trainer with the job's callbacks, and the checkpoint uploader (node leaders only, else None)."""
+    from job.observe import tracking
+    from job.observe.periodic_eval import PeriodicEval
+    from job.store import checkpoints
+    from job.train import ProgressLog, build_trainer
+
     settings, ranks = ctx.settings, ctx.ranks
     events = tracking.logging_dir(settings) if "tensorboard" in settings.trackers else None
     if events and ranks.is_writer:
@@ -170,6 +179,8 @@ def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resu
 def _train_and_commit(ctx: RunContext, trainer, uploader, resume: Path | None) -> dict:
     """Train; on a stop or a lost lease, wait (within the grace period) for the last checkpoint's commit
     and exit 143 or 75 (4 for the lease); otherwise wait for it before evaluating."""
+    from job.train import train
+
     stop, lease = ctx.stop, ctx.lease
     try:
         train_metrics = train(trainer, resume)
@@ -232,6 +243,8 @@ def _policy(settings: Settings) -> RetryPolicy:
 
 def _restore(store, out: Path, ranks: Ranks, args) -> Path | None:
     """Rank 0 picks the checkpoint; every node downloads that same one (reads only) before training."""
+    from job.store import checkpoints
+
     if ranks.world_size == 1:
         return checkpoints.restore(store, out)
     import torch.distributed as dist

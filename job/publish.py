@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 from job.errors import ConfigError
-from job.observe import curves, model_card, periodic_eval, tracking
+from job.observe import curves, model_card
 from job.observe.redaction import redact
 from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
@@ -80,6 +80,8 @@ def claim_run_folder(store: Storage, settings, inputs: dict) -> None:
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
           inputs: dict) -> Path:
     """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
+    from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
+
     root = staging_dir(settings)
     shutil.rmtree(root, ignore_errors=True)
     model_dir = root / "model"
@@ -153,6 +155,8 @@ def publish(root: Path, store: Storage, stop=None) -> None:
     A stop request is honoured between files: without ``COMPLETE`` nothing counts as published,
     and the staged folder stays for the rerun. Once ``COMPLETE`` is written the staging is removed.
     """
+    from job.observe import tracking
+
     files = [p for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (STAGED, BINDING)]
     for path in files:
         if stop is not None:

@@ -20,6 +20,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import ConfigError
 from job.observe.redaction import redact
+from job.observe.trackers import tracker_problems
 from job.store.locations import UnsafeName, check_channel_name, is_run_id, is_s3, join, parse_s3
 
 ENV_PREFIX = "QA_"
@@ -289,7 +290,5 @@ def _cross_checks(s: Settings) -> list[str]:
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
     if s.trackers:
-        from job.observe.tracking import tracker_problems  # imports transformers: only when a tracker is asked for
-
         problems.extend(f"QA_REPORT_TO: {p}" for p in tracker_problems(s.trackers))
     return problems

@@ -13,7 +13,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from job.errors import ConfigError, StorageUnavailable
 from job.observe.logs import resolve_format
-from job.observe.tracking import trainer_integrations
+from job.observe.trackers import trainer_integrations
 from job.recipe import Recipe, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe
 
 log = logging.getLogger(__name__)

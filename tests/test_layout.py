@@ -6,6 +6,8 @@ a top-level module as another; ``LAYERS`` is the order the README's "Layout" sec
 """
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,16 @@ def test_documented_entry_points_stay_where_the_readme_says():
     import job.squad.answer
 
     assert job.answer.QuestionAnswerer is job.squad.answer.QuestionAnswerer
+
+
+def test_early_exits_do_not_import_the_trainer():
+    """A typo, a bad row, a finished run or an unchanged night ends before torch and transformers load (~5 s)."""
+    probe = ("import sys, job.__main__, job.pipeline, job.channels.promotion; from job.settings import load_settings; "
+             "load_settings({'QA_TRAIN_URI': 'x', 'QA_REPORT_TO': 'tensorboard'}); "
+             "print(sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
 
 
 def _readme_layout() -> dict[str, set[str]]:

@@ -1,8 +1,4 @@
-"""Trackers the Trainer's way, and TensorBoard event files that live with the run.
-
-``QA_REPORT_TO`` names the Trainer's own integrations (``tensorboard``, ``mlflow``, ``wandb``, ...).
-Each is checked at start: an unknown name, or one whose package is missing, is a configuration
-error, not a crash after the data is downloaded.
+"""TensorBoard event files that live with the run (which trackers run at all: ``job.observe.trackers``).
 
 TensorBoard writes into ``<work>/<run_id>/tensorboard/``. Every checkpoint carries a snapshot of
 those event files (``tensorboard.tar``, hashed in the commit marker like every other file), and
@@ -29,34 +25,6 @@ from job.store.locations import UnsafeName, check_name, confine
 log = logging.getLogger(__name__)
 ARCHIVE = "tensorboard.tar"  # inside each checkpoint folder
 LOGS = "logs/"  # under the run folder: what `tensorboard --logdir` is pointed at
-# pip names of the integrations whose package is not called like the integration
-_PIP_NAMES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit", "tensorboard": "tensorboard"}
-
-
-def tracker_problems(names) -> list[str]:
-    """One message per tracker that cannot run here: not an integration of the Trainer, or its package missing."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
-
-    problems = []
-    for name in names:
-        callback = INTEGRATION_TO_CALLBACK.get(name)
-        if callback is None:
-            problems.append(f"unknown tracker {name!r} (the Trainer knows {', '.join(sorted(INTEGRATION_TO_CALLBACK))}; or none)")
-            continue
-        try:
-            callback()  # each integration's constructor checks that its package imports, and does nothing else
-        except Exception as exc:  # noqa: BLE001  RuntimeError or ImportError, depending on the integration
-            first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-            problems.append(f"{name} needs the Python package {_PIP_NAMES.get(name, name)!r}, which does not import here "
-                            f"(pip install {_PIP_NAMES.get(name, name)}): {first}")
-    return problems
-
-
-def trainer_integrations(trackers: tuple[str, ...]) -> list[str] | str:
-    """``report_to`` for TrainingArguments: every tracker but TensorBoard, which ``RunTensorBoard`` runs."""
-    return [t for t in trackers if t != "tensorboard"] or "none"
-
-
 def logging_dir(settings) -> Path:
     return Path(settings.work_dir) / settings.run_id / "tensorboard"
 

@@ -48,10 +48,12 @@ def install(actions) -> None:
 
     import job.channels.channel
     import job.channels.promotion
-    import job.pipeline
+    import job.evaluate
+    import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
     import job.publish
     import job.store.lease
     import job.store.storage
+    import job.train
 
     lock = threading.Lock()
 
@@ -92,8 +94,8 @@ def install(actions) -> None:
         for name in ("put_file", "put_bytes", "delete", "get_file"):
             wrap(cls, name, name, keyed=True)
     wrap(job.store.lease.Lease, "acquire", "lease", before=False)
-    wrap(job.pipeline, "train", "train_end", before=False)
-    wrap(job.pipeline, "evaluate", "evaluate")
+    wrap(job.train, "train", "train_end", before=False)  # the pipeline imports both where training starts
+    wrap(job.evaluate, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
     wrap(job.channels.promotion, "promote", "promote")
     wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
