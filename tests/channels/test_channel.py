@@ -185,6 +185,9 @@ def one_line(err, needle):
     (("promote", "--channel", "prod", "--run", "../a"), EXIT_CONFIG, "invalid run id"),
     (("promote", "--channel", "a/b", "--run", "a"), EXIT_CONFIG, "invalid channel name 'a/b'"),
     (("show", "--channel", ".."), EXIT_CONFIG, "invalid channel name '..'"),
+    # prod.json's folder would be prod's pointer file: on a local disk one of them could never be written
+    (("promote", "--channel", "prod.json", "--run", "a"), EXIT_CONFIG, "must not end in '.json'"),
+    (("promote", "--channel", "Prod.JSON", "--run", "a"), EXIT_CONFIG, "must not end in '.json'"),
 ])
 def test_bad_input_is_one_line_and_moves_nothing(tmp_path, capsys, args, code, needle):
     out = tmp_path / "out"
