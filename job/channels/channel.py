@@ -28,7 +28,7 @@ from job.channels.pointer import encode
 from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
 from job.store.locations import UnsafeName, check_channel_name, is_run_id
-from job.store.storage import LocalStorage, NotFound, PreconditionFailed, Storage
+from job.store.storage import LocalStorage, NotFound, NotImplementedByStore, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 PREFIX = "channels/"
@@ -187,18 +187,21 @@ class Channel:
         if self._probed or isinstance(self.store, LocalStorage):
             return
         key = f"{PREFIX}.probe-{uuid.uuid4().hex}"
-        self.store.put_bytes(key, b"probe", if_none_match=True)
         try:
-            for condition in ({"if_none_match": True}, {"if_match": '"00000000000000000000000000000000"'}):
-                try:
-                    self.store.put_bytes(key, b"probe again", **condition)
-                except PreconditionFailed:
-                    continue
-                raise ConditionalWritesUnsupported(
-                    f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
-                    "channels need them: nothing was moved")
-        finally:
-            self.store.delete(key)
+            self.store.put_bytes(key, b"probe", if_none_match=True)
+            try:
+                for condition in ({"if_none_match": True}, {"if_match": '"00000000000000000000000000000000"'}):
+                    try:
+                        self.store.put_bytes(key, b"probe again", **condition)
+                    except PreconditionFailed:
+                        continue
+                    raise ConditionalWritesUnsupported(
+                        f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
+                        "channels need them: nothing was moved")
+            finally:
+                self.store.delete(key)
+        except NotImplementedByStore as exc:  # refused outright (501): as permanent as ignored
+            raise ConditionalWritesUnsupported(f"{exc}: nothing was moved") from None
         self._probed = True
 
     # ------------------------------------------------------------------ runs gated for the channel

@@ -34,6 +34,10 @@ class PreconditionFailed(Exception):
     """A conditional write (IfNoneMatch / IfMatch) found the object not as expected."""
 
 
+class NotImplementedByStore(StorageDenied):
+    """The store answered 501 NotImplemented: it lacks the feature, so retrying cannot help (exit 2)."""
+
+
 class Storage(Protocol):
     """Keys are '/'-separated and relative to the storage's root URI."""
 
@@ -291,6 +295,8 @@ class S3Storage:
                     raise PreconditionFailed(what) from None
                 if code in _DENIED or status in (401, 403):
                     raise StorageDenied(f"storage refused {what} on {self.uri}: {code or status} (check credentials and bucket)") from None
+                if code == "NotImplemented" or status == 501:  # a 5xx, but a missing feature is not an outage
+                    raise NotImplementedByStore(f"storage {self.uri} does not implement {what} ({code or status})") from None
                 if status and status < 500 and code not in ("SlowDown", "RequestTimeout", "RequestTimeTooSkewed"):
                     raise StorageDenied(f"storage rejected {what} on {self.uri}: {code or status}") from None
                 error = f"{code or status}"
@@ -325,7 +331,14 @@ class S3Storage:
             extra["IfNoneMatch"] = "*"
         if if_match is not None:
             extra["IfMatch"] = if_match
-        resp = self._call(f"write {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra))
+        try:
+            resp = self._call(f"write {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra))
+        except NotImplementedByStore:
+            if not extra:
+                raise
+            raise NotImplementedByStore(
+                f"storage {self.uri} does not support conditional writes ({' / '.join(extra)} answered NotImplemented); "
+                "the run lease and channels need them: use a store that honours them (AWS S3, MinIO, SeaweedFS...)") from None
         return resp.get("ETag", "")
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
