@@ -121,6 +121,15 @@ class Channel:
                 seqs.append(int(stem))
         return sorted(seqs)
 
+    def next_seq(self, current: dict | None) -> int:
+        """The seq of the version to follow ``current``: past it and past every history entry.
+
+        Usually ``current["seq"] + 1``. But a pointer restored from an older history entry, or
+        deleted by hand, is behind its history; reusing a seq whose entry exists would skip the
+        new entry (history entries are created once) and the history would name the wrong holder.
+        """
+        return max([current["seq"] if current else 0, *self.history_seqs()]) + 1
+
     def history_entry(self, seq: int) -> dict | None:
         try:
             raw, _ = self.store.get_bytes(self._history_key(seq))
