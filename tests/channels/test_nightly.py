@@ -8,7 +8,8 @@ line; 6) two promotions racing: one winner, the other gated again; 7) SIGKILL at
 step, then a rerun that converges; 8) warm start: the starting model scores exactly what the
 holder scored; retention and ``job.answer --channel`` on the result. On local disk, where the
 compare-and-swap is a locked file: nights 1 and 2, the base model replaced in place after night 2
-(not unchanged; a retry onto it refused), the race and the warm start.
+(not unchanged; a retry onto it refused), the race, a warm-started night killed after a checkpoint
+whose start model is then deleted (its retry resumes), and the warm start.
 
 The eval questions are also training questions: in 30 steps the tiny model learns them well
 enough that a sabotaged model is clearly worse, which is what the gate must see.
@@ -136,6 +137,11 @@ def chain(request, tmp_path_factory, tiny_model):
     # both read the pointer (their 2nd read: the 1st is the skip-if-unchanged check), then both try to move it
     for name, result in c.together(("x", "y"), "meet:pointer_read@2=2", **ANY).items():
         c.record(name, result)
+    if place.kind == "local":  # a warm start killed after its first checkpoint; then its start model goes
+        warm = dict(ANY, QA_CHECKPOINT_STEPS="5")
+        c.results["w-killed"] = c.night("w", killer="kill:put_bytes:COMMIT.json@2", **warm)
+        shutil.rmtree(Path(place.out) / c.place.json("channels/production.json")["run_id"] / "model")
+        c.night("w", **warm)
     if place.kind == "s3":  # SIGKILL at each step of promotion, then a rerun that converges
         for step, killer in enumerate(("kill:promote@1", "kill:pointer_read@1", "kill:decided@1", "kill:pointer_write@1", None)):
             c.night("z", killer=killer, QA_SEED=str(SEEDS["z"]), **ANY)
@@ -205,6 +211,16 @@ def test_a_base_model_replaced_in_place_is_not_unchanged_and_no_retry_resumes_on
     base_model = place.json("n2b/run.json")["inputs"]["base_model"]
     assert base_model.startswith("sha256:") and base_model != place.json("n1/run.json")["inputs"]["base_model"]
     one_line_error(chain.results["n2b"], 2, "differs in: base_model")
+
+
+def test_a_warm_started_retry_resumes_from_its_checkpoint_when_its_start_model_is_gone(chain):
+    """The retry once exited 2 fetching the pruned start model, although its checkpoint held the weights."""
+    needs(chain, "w-killed")
+    killed, retry = chain.results["w-killed"], succeeded(chain.results["w"])
+    assert killed.returncode == -9 and killed.event("checkpoint_committed")
+    step = killed.event("checkpoint_committed")[-1]["step"]
+    assert retry.event("init_from_checkpoint")[0]["step"] == step and retry.event("resume")[0]["step"] == step
+    assert retry.event("published") and promotion(retry)["pointer_moved"]
 
 
 def test_new_file_is_trained_gated_against_the_rescored_holder_and_promoted(chain):
