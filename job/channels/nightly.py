@@ -51,8 +51,6 @@ def plan(ctx, train_split, eval_split, base_model: str | None = None) -> Night:
     else:
         init, why = choose_init(settings, holder)
     log.info("weights start from", extra={"event": "init", "reason": why, **init})
-    if init.get("from") == "channel" and ctx.ranks.is_writer:
-        channel.record_start(settings.run_id, init["run_id"])  # its model is kept until this run is complete
     if recorded is None and settings.skip_unchanged:
         tonight = recipe(training_inputs(settings, train_split.sha256, eval_split.sha256, init, base_model))
         same = same_recipe(channel, holder, tonight, settings.run_id)
@@ -70,6 +68,8 @@ def plan(ctx, train_split, eval_split, base_model: str | None = None) -> Night:
             log.info(message, extra={"event": "unchanged", "channel": settings.channel, "same_as": same,
                                      "same_as_decision": decided, "recipe": tonight})
             return Night(init, unchanged=True)
+    if init.get("from") == "channel" and ctx.ranks.is_writer:
+        channel.record_start(settings.run_id, init["run_id"])  # its model is kept until this run is gated
     return Night(init)
 
 

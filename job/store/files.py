@@ -62,12 +62,23 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def writing(path: Path):
-    """Yield a temporary path beside ``path``; rename it into place on success, remove it on failure."""
+def writing(path: Path, durable: bool = False):
+    """Yield a temporary path beside ``path``; rename it into place on success, remove it on failure.
+
+    ``durable``: fsync the file and the folder too (a file a commit marker will vouch for).
+    """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # ranks of a node may race
     try:
         yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
+        if durable:
+            _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -97,11 +97,11 @@ def _local_errors(what: str):
         raise
 
 
-def _copy_atomically(src: Path, dest: Path, what: str) -> None:
+def _copy_atomically(src: Path, dest: Path, what: str, durable: bool = False) -> None:
     """Copy to a hidden temp name, then rename; the temp file never outlives a failure."""
     with _local_errors(what):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with writing(dest) as tmp:
+        with writing(dest, durable) as tmp:
             shutil.copyfile(src, tmp)
 
 
@@ -117,7 +117,8 @@ class LocalStorage:
             raise StorageDenied(f"refusing key outside {self.root}: {exc}") from None
 
     def put_file(self, local: Path, key: str) -> None:
-        _copy_atomically(local, self._path(key), f"upload {key}")
+        # durable before a commit marker (itself written durably) can vouch for it after a power loss
+        _copy_atomically(local, self._path(key), f"upload {key}", durable=True)
 
     def get_file(self, key: str, local: Path) -> None:
         src = self._path(key)
