@@ -61,7 +61,8 @@ def promote(ctx) -> None:
         verdict = gate.decide(mine, scores, policy)
         held = bool(holder and holder.get("held"))
         decision = "hold" if verdict["promote"] and held else ("promote" if verdict["promote"] else "reject")
-        pointer = next_version(holder, channel.name, candidate, "nightly", "promote", verdict["message"], seq=channel.next_seq(holder),
+        pointer = next_version(holder, channel.name, candidate, "nightly", "promote", verdict["message"],
+                               seq=channel.next_seq(holder),
                                gate={k: verdict[k] for k in ("metric", "candidate", "holder", "mean_difference", "interval")})
         record = {"run_id": settings.run_id, "channel": channel.name, "decided_at": now(), "attempt": attempt,
                   "decision": decision, "reason": "held" if decision == "hold" else verdict["reason"],
