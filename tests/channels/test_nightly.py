@@ -157,7 +157,7 @@ def swap_weights(a: Path, b: Path) -> None:
 
 def needs(chain, step):
     if step not in chain.results:
-        pytest.skip(f"{step} runs on S3 only")
+        pytest.skip(f"{step} is not part of the chain on {chain.place.kind} storage")
 
 
 def succeeded(result):
