@@ -19,6 +19,7 @@ from job.preprocess import build_features
 from job.settings import Settings
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
+from job.store.models import model_identity
 from job.store.storage import LocalStorage, RetryPolicy, open_storage
 
 # The modules that train (torch, transformers' Trainer: about 5 s to import) are imported where
@@ -99,10 +100,11 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn."""
     settings, ranks = ctx.settings, ctx.ranks
     train_split, eval_split = load_splits(settings, _policy(settings))
-    night = nightly.plan(ctx, train_split, eval_split)  # with a channel: skip-if-unchanged, warm start
+    base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
+    night = nightly.plan(ctx, train_split, eval_split, base)  # with a channel: skip-if-unchanged, warm start
     if night.unchanged:
         return False
-    inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init)
+    inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base)
     if ranks.is_writer:
         publish.claim_run_folder(ctx.store, settings, inputs)
     if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
@@ -110,7 +112,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     ctx.check_stop()
     from job.train import check_window_fits, load_model
 
-    tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed, settings.attention)
+    tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank, ctx.store), settings.seed,
+                                  settings.attention)
     check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
     ctx.check_stop()

@@ -8,8 +8,12 @@ Everything after the signal (upload wait, lease release, thread joins) shares on
 step is stuck (a network partition can hold a storage call far longer), so the exit code is ours,
 not the kubelet's SIGKILL.
 
-The handler is installed first thing in ``python -m job`` and stays for the life of the process:
-a second signal is ignored, never turned into a KeyboardInterrupt half-way through a cleanup.
+The handler is installed first thing in ``python -m job``. After the first signal every later one
+is ignored by the kernel itself (``SIG_IGN``) until the process exits with its own code: a Python
+handler alone is not enough, because the interpreter puts the default action back for the
+handlers it installed when it shuts down, and a Ctrl-C pressed again then ended the process
+with 130 after it had printed "(exit 143)". Forked preprocessing workers inherit the handler;
+in them it does nothing (a Ctrl-C reaches the whole process group): the job decides, once.
 """
 from __future__ import annotations
 
@@ -35,9 +39,11 @@ class StopRequest:
         # None: no checkpoint was due when the stop came; True/False: whether it reached storage
         self.committed: bool | None = None
         self._on_deadline = on_deadline or exit_now
+        self._pid = os.getpid()  # the process the stop is for; forked children only inherit the handler
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             signal.signal(signal.SIGTERM, self._handle)
             signal.signal(signal.SIGINT, self._handle)
         return self
@@ -46,8 +52,10 @@ class StopRequest:
         self.grace_seconds = grace_seconds
 
     def _handle(self, signum, _frame) -> None:
-        if self.event.is_set():
-            return  # a second Ctrl-C or SIGTERM changes nothing: the first one's deadline holds
+        if os.getpid() != self._pid or self.event.is_set():
+            return  # a forked worker's copy, or a signal that beat SIG_IGN: the first one's deadline holds
+        for later in (signal.SIGTERM, signal.SIGINT):  # dropped by the kernel from now on, shutdown included
+            signal.signal(later, signal.SIG_IGN)
         self.signal_name = signal.Signals(signum).name
         self.deadline = time.monotonic() + self.grace_seconds
         self.event.set()

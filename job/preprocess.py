@@ -9,7 +9,6 @@ tokenizing again.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +18,7 @@ from job.errors import DataError
 from job.parallel import map_chunks
 from job.squad import features
 from job.store import feature_cache
+from job.store.files import writing
 
 log = logging.getLogger(__name__)
 # Past this many workers the gain is small (the rows are copied into each, the parent merges
@@ -66,9 +66,8 @@ def _build(settings, tokenizer, train, evals, local: Path) -> None:
     workers = preprocess_workers(settings)  # the same features whatever the count (tests/test_preprocess.py)
     for kind, split, name in (("train", train, feature_cache.NAMES[0]), ("eval", evals, feature_cache.NAMES[1])):
         dataset = feature_dataset(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers)
-        tmp = local / f".{name}.{os.getpid()}.tmp"  # ranks on one node may build the same cache at once
-        dataset.to_parquet(str(tmp))
-        tmp.replace(local / name)
+        with writing(local / name) as tmp:  # removed if the disk fills up: it would only eat the next attempt's space
+            dataset.to_parquet(str(tmp))
     feature_cache.write_manifest(local)
 
 

@@ -52,3 +52,27 @@ def test_default_workers_are_the_usable_cpus_capped(monkeypatch):
         monkeypatch.setattr(job.recipe, "usable_cpus", lambda: cpus)
         assert preprocess_workers(load_settings({})) == expected
     assert preprocess_workers(load_settings({"QA_PREPROCESS_WORKERS": "3"})) == 3
+
+
+def test_a_full_disk_leaves_no_temporary_feature_file(tokenizer, train_rows, tmp_path, monkeypatch):
+    """Each attempt that ran out of space once left its .train.parquet.<pid>.tmp: the space the next attempt needed."""
+    import errno
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import datasets
+
+    from job.preprocess import _build
+    from job.settings import load_settings
+
+    def fill_the_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"PAR1" + b"\0" * 4096)  # part of the file made it, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(datasets.Dataset, "to_parquet", fill_the_disk)
+    settings = load_settings({"QA_MAX_LENGTH": "128", "QA_DOC_STRIDE": "48", "QA_PREPROCESS_WORKERS": "1"})
+    rows = SimpleNamespace(rows=train_rows[:8])
+    with pytest.raises(OSError) as info:
+        _build(settings, tokenizer, rows, rows, tmp_path / "features")
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == []

@@ -98,6 +98,7 @@ def test_a_secret_in_a_bad_value_is_not_echoed():
     ({"QA_CHANNEL": "prod/eu"}, "QA_CHANNEL: invalid channel name 'prod/eu'"),
     ({"QA_CHANNEL": ".."}, "QA_CHANNEL: invalid channel name '..'"),
     ({"QA_CHANNEL": "a..b"}, "QA_CHANNEL: invalid channel name"),
+    ({"QA_CHANNEL": "prod.json"}, "QA_CHANNEL: invalid channel name 'prod.json': it must not end in '.json'"),
     ({"QA_INIT_FROM": "channel"}, "QA_INIT_FROM: 'channel' needs QA_CHANNEL"),
     ({"QA_GATE_METRIC": "accuracy"}, "QA_GATE_METRIC"),
     ({"QA_GATE_MAX_DROP": "-1"}, "QA_GATE_MAX_DROP"),

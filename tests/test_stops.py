@@ -1,6 +1,9 @@
 """Stopping: SIGTERM/SIGINT are honoured at every stage, within one deadline, with the code that tells the truth."""
 import json
 import signal
+import subprocess
+import sys
+import threading
 import time
 import uuid
 
@@ -49,15 +52,32 @@ def test_sigterm_during_a_partition_exits_within_the_grace_period(seaweed, fault
     assert result.event("failed")[0]["error_type"] == "GraceExpired"
 
 
-def test_sigterm_with_storage_up_commits_and_exits_143_and_a_second_signal_changes_nothing(tmp_path, tiny_model):
+def pester(proc, sig, every: float = 0.002) -> threading.Thread:
+    """Send ``sig`` to ``proc`` again and again until it has exited: Ctrl-C held down."""
+    def send():
+        while proc.poll() is None:
+            try:
+                proc.send_signal(sig)
+            except ProcessLookupError:
+                return
+            time.sleep(every)
+
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_with_storage_up_commits_and_exits_143_and_later_signals_change_nothing(tmp_path, tiny_model):
+    """Ctrl-C pressed again and again, until the very end: once killed during interpreter shutdown, after "(exit 143)"."""
     env = job_env(tmp_path, tiny_model, QA_MAX_STEPS="200", QA_CHECKPOINT_STEPS="100", **FAST)
     job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.2",))
     job.wait_for("progress", where=lambda e: e["step"] >= 3)
     job.proc.send_signal(signal.SIGINT)
     job.wait_for("stop_requested")
-    job.proc.send_signal(signal.SIGINT)  # an impatient second Ctrl-C used to end with 130
+    pester(job.proc, signal.SIGINT)
     result = job.finish(timeout=60)
     assert_one_line(result, 143, "stopped by SIGINT")
+    assert len(result.event("stop_requested")) == 1
     stopped = result.event("stopped")[0]
     assert stopped["committed"] is True
     assert (tmp_path / "out" / "test-run" / "checkpoints" / f"checkpoint-{stopped['step']}" / "COMMIT.json").is_file()
@@ -123,3 +143,34 @@ def test_ctrl_c_twice_during_start_up_ends_in_one_line_143(tmp_path, tiny_model)
     result = job.finish(timeout=60)
     assert_one_line(result, 143, "stopped by SIGINT")
     assert "Traceback" not in result.stderr and not result.event("train_start")
+
+
+# A Ctrl-C in a terminal reaches the whole process group: the job and its forked preprocessing
+# workers. Each worker once ran the job's handler and logged its own stop_requested.
+WORKERS = """
+import logging, os, signal, sys, time
+from job.observe.logs import setup_logging
+from job.parallel import map_chunks
+from job.preemption import StopRequest
+
+stop = StopRequest(grace_seconds=30).install()
+setup_logging(fmt="json")
+
+def chunk(_tokenizer, _rows, begin):
+    if begin == 0:
+        os.killpg(0, signal.SIGINT)  # Ctrl-C, while both workers are alive
+    time.sleep(0.5)
+    return begin
+
+print(list(map_chunks(chunk, [0, 1], 2, None, None)), stop.requested, flush=True)
+"""
+
+
+def test_forked_workers_leave_the_stop_to_the_job(tmp_path):
+    from tests.support.jobrun import ROOT, JobResult
+
+    proc = subprocess.run([sys.executable, "-c", WORKERS], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          start_new_session=True)  # its own process group, so the Ctrl-C reaches nobody else
+    result = JobResult(proc.returncode, proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and "[0, 1] True" in proc.stdout, (proc.stdout, proc.stderr)
+    assert len(result.event("stop_requested")) == 1, proc.stdout

@@ -13,6 +13,8 @@ Layout under ``QA_OUTPUT_URI`` (object storage only, no other service):
   replaces it: every version that was ever the pointer ends up in the history.
 - ``channels/<name>/runs/<run_id>.json``: one record per run gated for the channel (its recipe and
   decision), for skip-if-unchanged and retention.
+- ``channels/<name>/starts/<run_id>.json``: a warm-started run of the channel that is not complete
+  yet names the run whose model it starts from, so no retention deletes that model under a retry.
 
 Nothing read here is trusted: a pointer or history entry of the wrong shape is a ``CorruptPointer``
 (exit 3) and nothing moves. ``python -m job.channel`` is the operator's command line (``job.channels.cli``).
@@ -28,7 +30,7 @@ from job.channels.pointer import encode
 from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
 from job.store.locations import UnsafeName, check_channel_name, is_run_id
-from job.store.storage import LocalStorage, NotFound, PreconditionFailed, Storage
+from job.store.storage import LocalStorage, NotFound, NotImplementedByStore, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 PREFIX = "channels/"
@@ -49,6 +51,19 @@ class ConditionalWritesUnsupported(ConfigError):
 
 class ChannelBusy(StorageUnavailable):
     """The pointer kept changing under us for MAX_TRIES attempts; a rerun tries again (exit 75)."""
+
+
+def channel_names(store: Storage) -> list[str]:
+    """Every channel on an output: each ``channels/<name>.json`` whose name is a channel name."""
+    names = []
+    for key in store.list(PREFIX):
+        name = key[len(PREFIX):].removesuffix(".json")
+        if "/" not in name and key.endswith(".json"):
+            try:
+                names.append(check_channel_name(name))
+            except UnsafeName:
+                continue  # not a pointer this job writes (a probe, a stray file)
+    return sorted(names)
 
 
 def open_channel(settings) -> "Channel":
@@ -121,6 +136,15 @@ class Channel:
                 seqs.append(int(stem))
         return sorted(seqs)
 
+    def next_seq(self, current: dict | None) -> int:
+        """The seq of the version to follow ``current``: past it and past every history entry.
+
+        Usually ``current["seq"] + 1``. But a pointer restored from an older history entry, or
+        deleted by hand, is behind its history; reusing a seq whose entry exists would skip the
+        new entry (history entries are created once) and the history would name the wrong holder.
+        """
+        return max([current["seq"] if current else 0, *self.history_seqs()]) + 1
+
     def history_entry(self, seq: int) -> dict | None:
         try:
             raw, _ = self.store.get_bytes(self._history_key(seq))
@@ -187,23 +211,55 @@ class Channel:
         if self._probed or isinstance(self.store, LocalStorage):
             return
         key = f"{PREFIX}.probe-{uuid.uuid4().hex}"
-        self.store.put_bytes(key, b"probe", if_none_match=True)
         try:
-            for condition in ({"if_none_match": True}, {"if_match": '"00000000000000000000000000000000"'}):
-                try:
-                    self.store.put_bytes(key, b"probe again", **condition)
-                except PreconditionFailed:
-                    continue
-                raise ConditionalWritesUnsupported(
-                    f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
-                    "channels need them: nothing was moved")
-        finally:
-            self.store.delete(key)
+            self.store.put_bytes(key, b"probe", if_none_match=True)
+            try:
+                for condition in ({"if_none_match": True}, {"if_match": '"00000000000000000000000000000000"'}):
+                    try:
+                        self.store.put_bytes(key, b"probe again", **condition)
+                    except PreconditionFailed:
+                        continue
+                    raise ConditionalWritesUnsupported(
+                        f"storage {self.store.uri} does not honour conditional writes ({next(iter(condition))} was ignored); "
+                        "channels need them: nothing was moved")
+            finally:
+                self.store.delete(key)
+        except NotImplementedByStore as exc:  # refused outright (501): as permanent as ignored
+            raise ConditionalWritesUnsupported(f"{exc}: nothing was moved") from None
         self._probed = True
 
     # ------------------------------------------------------------------ runs gated for the channel
     def record_run(self, run_id: str, record: dict) -> None:
         self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", json.dumps(record, indent=1, sort_keys=True).encode())
+
+    def record_start(self, run_id: str, from_run: str) -> None:
+        """Run ``run_id`` (not complete yet) starts from ``from_run``'s model: retention keeps that model."""
+        self.store.put_bytes(f"{PREFIX}{self.name}/starts/{run_id}.json",
+                             json.dumps({"run_id": run_id, "from_run": from_run}).encode())
+
+    def forget_start(self, run_id: str) -> None:
+        self.store.delete(f"{PREFIX}{self.name}/starts/{run_id}.json")
+
+    def starts(self) -> dict[str, str]:
+        """``{run id: the run whose model it starts from}`` for every start record (unusable ones skipped)."""
+        prefix, out = f"{PREFIX}{self.name}/starts/", {}
+        for key in self.store.list(prefix):
+            run_id = key[len(prefix):].removesuffix(".json")
+            try:
+                record = json.loads(self.store.get_bytes(key)[0])
+            except (NotFound, ValueError, UnicodeDecodeError):
+                continue
+            if is_run_id(run_id) and isinstance(record, dict) and is_run_id(record.get("from_run")):
+                out[run_id] = record["from_run"]
+        return out
+
+    def run_record(self, run_id: str) -> dict | None:
+        """The channel's record of one gated run, or None (missing or unusable)."""
+        try:
+            record = json.loads(self.store.get_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json")[0])
+        except (NotFound, ValueError, UnicodeDecodeError):
+            return None
+        return record if isinstance(record, dict) and record.get("run_id") == run_id else None
 
     def gated_runs(self) -> list[dict]:
         """Records of every run gated for this channel (unusable ones skipped), oldest decision first."""

@@ -80,7 +80,8 @@ def promote(channel: Channel, root, run_id: str, reason: str, repair: bool = Fal
     def build(current):
         if current and current["run_id"] == run_id:
             raise ConfigError(f"run {run_id!r} already holds channel {channel.name!r}: nothing was moved")
-        return next_version(current, channel.name, run, "manual", "promote", reason or "promoted by hand")
+        return next_version(current, channel.name, run, "manual", "promote", reason or "promoted by hand",
+                            seq=channel.next_seq(current))
 
     return channel.move(build).pointer
 
@@ -103,7 +104,7 @@ def rollback(channel: Channel, root, run_id: str | None, reason: str) -> dict:
             raise ConfigError(f"run {target!r} never held channel {channel.name!r}; use promote: nothing was moved")
         run = published_run(root, target)
         return next_version(current, channel.name, run, "manual", "rollback", reason or f"rolled back from {current['run_id']}",
-                            rollback_to=promoted[-1]["rollback_to"])
+                            seq=channel.next_seq(current), rollback_to=promoted[-1]["rollback_to"])
 
     return channel.move(build).pointer
 
@@ -117,7 +118,7 @@ def hold(channel: Channel, held: bool, reason: str) -> dict:
         if bool(current.get("held")) == held:
             raise ConfigError(f"channel {channel.name!r} is already {'held' if held else 'not held'}: nothing was moved")
         stamp = now()
-        return {**current, "seq": current["seq"] + 1, "changed_at": stamp, "action": "hold" if held else "release",
+        return {**current, "seq": channel.next_seq(current), "changed_at": stamp, "action": "hold" if held else "release",
                 "reason": reason or ("held by hand" if held else "released by hand"),
                 "held": {"at": stamp, "reason": reason} if held else None}
 
@@ -139,8 +140,8 @@ def _repair(channel: Channel, run: dict, reason: str) -> dict:
         raise ConfigError(f"{channel.where} is not corrupted; --repair only replaces a corrupted pointer: nothing was moved")
     history = channel.history()
     last = history[-1] if history else None
-    pointer = next_version(last, channel.name, run, "manual", "promote", reason or "pointer repaired by hand")
-    pointer["seq"] = max(channel.history_seqs() or [0]) + 1
+    pointer = next_version(last, channel.name, run, "manual", "promote", reason or "pointer repaired by hand",
+                           seq=channel.next_seq(last))
     channel.check_conditional_writes()
     try:
         new_etag = channel.store.put_bytes(channel.key, encode(pointer), if_match=etag)

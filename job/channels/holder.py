@@ -21,7 +21,8 @@ def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
     if not is_run_id(run_id):
         raise ConfigError(f"invalid run id {str(run_id)[:80]!r} recorded for the channel")
     dest.mkdir(parents=True, exist_ok=True)
-    return fetch_model(join(settings.output_uri, run_id, "model"), dest, settings.s3_endpoint_url, settings.s3_region)
+    uri = join(settings.output_uri, run_id, "model")
+    return fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=f"the model of run {run_id} ({uri})")
 
 
 def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str, str]:

@@ -71,11 +71,15 @@ def published_run(root: Storage, run_id: str) -> dict:
     }
 
 
-def next_version(current: dict | None, name: str, run: dict, by: str, action: str, reason: str, **extra) -> dict:
-    """The pointer that puts ``run`` (``published_run``) on the channel after ``current``."""
+def next_version(current: dict | None, name: str, run: dict, by: str, action: str, reason: str, *, seq: int,
+                 **extra) -> dict:
+    """The pointer that puts ``run`` (``published_run``) on the channel after ``current``, as version ``seq``.
+
+    ``seq`` comes from ``Channel.next_seq``: past every history entry, not just past ``current``.
+    """
     stamp = now()
     return {
-        "schema": SCHEMA, "channel": name, "seq": current["seq"] + 1 if current else 1, **run,
+        "schema": SCHEMA, "channel": name, "seq": seq, **run,
         "previous": current["run_id"] if current else None,
         "rollback_to": current["run_id"] if current else None,
         "promoted_at": stamp, "promoted_by": by, "changed_at": stamp, "action": action, "reason": reason,

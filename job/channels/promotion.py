@@ -14,8 +14,10 @@ The loop, bounded by ``job.channels.channel.MAX_TRIES``:
    to 1 and gate again against the new holder (its scores are computed once);
 5. write the new version's history entry, log one ``promotion`` event, prune old runs.
 
-A rerun of a complete run converges: a decision recorded as rejected or held stands; a recorded
-promotion that reached the pointer (now or in the history) is done; any other is made again.
+A rerun of a complete run converges: a decision recorded for this channel as rejected stands, and
+one recorded as held stands while the channel is still held; a recorded promotion that reached
+the pointer (now or in the history) is done; any other is made again. Decisions are per channel:
+a rerun of the same run for another channel is gated for that channel.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def promote(ctx) -> None:
     settings = ctx.settings
     channel = open_channel(settings)
     candidate = published_run(channel.store, settings.run_id)
-    if _settled(ctx, channel, _read_json(ctx.store, DECISION)):
+    if _settled(ctx, channel, _earlier_decision(ctx, channel)):
         _prune(ctx, channel)
         return
     rows = _eval_rows(settings, ctx.store)
@@ -60,6 +62,7 @@ def promote(ctx) -> None:
         held = bool(holder and holder.get("held"))
         decision = "hold" if verdict["promote"] and held else ("promote" if verdict["promote"] else "reject")
         pointer = next_version(holder, channel.name, candidate, "nightly", "promote", verdict["message"],
+                               seq=channel.next_seq(holder),
                                gate={k: verdict[k] for k in ("metric", "candidate", "holder", "mean_difference", "interval")})
         record = {"run_id": settings.run_id, "channel": channel.name, "decided_at": now(), "attempt": attempt,
                   "decision": decision, "reason": "held" if decision == "hold" else verdict["reason"],
@@ -90,19 +93,30 @@ def promote(ctx) -> None:
 def write_decision(ctx, channel, record: dict) -> None:
     """The decision, before it is acted on: in the run folder, and in the channel's record of runs."""
     ctx.store.put_bytes(DECISION, json.dumps(record, indent=1).encode())
-    summary = {k: record[k] for k in ("run_id", "decided_at", "decision", "reason")}
+    summary = {k: record[k] for k in ("run_id", "channel", "decided_at", "decision", "reason", "message", "seq")}
     channel.record_run(record["run_id"], {**summary, **record["candidate"], "metric": record["gate"]["candidate"]})
 
 
+def _earlier_decision(ctx, channel) -> dict | None:
+    """This run's decision for *this* channel: ``promotion.json`` if it is about this channel, else the
+    channel's own record of the run (``promotion.json`` holds the latest decision, maybe another channel's)."""
+    earlier = _read_json(ctx.store, DECISION)
+    if isinstance(earlier, dict) and earlier.get("channel") == channel.name:
+        return earlier
+    return channel.run_record(ctx.settings.run_id)
+
+
 def _settled(ctx, channel, earlier: dict | None) -> bool:
-    """Whether a decision recorded by an earlier attempt of this run stands (nothing left to do)."""
+    """Whether a decision recorded by an earlier attempt of this run, for this channel, stands (nothing left to do)."""
     if not isinstance(earlier, dict) or earlier.get("decision") not in ("promote", "reject", "hold"):
         return False
     settings = ctx.settings
+    current = channel.read()
+    if earlier["decision"] == "hold" and not (current and current.pointer.get("held")):
+        return False  # held back only by a hold that is gone: gate it again
     if earlier["decision"] in ("reject", "hold"):
         _event(settings, earlier["decision"], f"recorded earlier: {earlier.get('message', '')}", {}, None, recorded_earlier=True)
         return True
-    current = channel.read()
     if current is not None and current.pointer["run_id"] == settings.run_id:
         channel.ensure_history(current)  # the pointer moved but its history entry may not have been written
     elif not (isinstance(earlier.get("seq"), int) and (channel.history_entry(earlier["seq"]) or {}).get("run_id") == settings.run_id):

@@ -12,7 +12,7 @@ import sys
 import time
 
 from job.observe.records import LibraryRecords, record_fields
-from job.observe.redaction import redact, redact_text
+from job.observe.redaction import redact
 from job.observe.textlog import TextFormatter
 
 
@@ -33,8 +33,9 @@ class JsonFormatter(logging.Formatter):
         entry.update(record_fields(record))
         if record.exc_info and record.levelno >= logging.ERROR:
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
-        # every line, ours and the libraries', passes here: the one place secrets are removed
-        return redact_text(json.dumps(redact(entry), default=str))
+        # every line, ours and the libraries', passes here: secrets are removed from the values,
+        # before serializing, so no secret can change the line's structure
+        return json.dumps(redact(entry), default=str)
 
 
 def resolve_format(setting: str, stream=None) -> str:

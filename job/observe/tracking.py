@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from transformers.integrations import TensorBoardCallback
 
 from job.errors import StorageDenied, StorageUnavailable
+from job.store.files import writing
 from job.store.locations import UnsafeName, check_name, confine
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,9 @@ class RunTensorBoard(TensorBoardCallback):
 
 def snapshot(directory: Path, checkpoint: Path) -> None:
     """Archive the event files as they are now (everything logged up to this checkpoint's step)."""
-    part = checkpoint / f".{ARCHIVE}.part"
-    with tarfile.open(part, "w") as tar:
+    with writing(checkpoint / ARCHIVE) as part, tarfile.open(part, "w") as tar:
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
             tar.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
-    os.replace(part, checkpoint / ARCHIVE)
 
 
 def read_archive(archive: Path) -> dict[str, bytes]:

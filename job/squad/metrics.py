@@ -38,6 +38,10 @@ def _scored(rows, predictions: dict[str, str], version_2: bool):
     """``(id, exact, f1, has_answer)`` for each question the official rules count, scores 0-1."""
     for row in rows:
         rid = row["id"]
+        # answerable means "has gold answers", before normalisation: the official v2.0 script
+        # (make_qid_to_has_ans) counts a question whose answers all normalise to nothing, like
+        # ["the", "."], as HasAns, although it scores it against "" as it does a NoAns question
+        has_answer = bool(row["answers"]["text"])
         if version_2:
             golds = [t for t in row["answers"]["text"] if normalize_answer(t)] or [""]
             if rid not in predictions:
@@ -46,10 +50,10 @@ def _scored(rows, predictions: dict[str, str], version_2: bool):
             golds = row["answers"]["text"]
         pred = predictions.get(rid)
         if pred is None:
-            yield rid, 0.0, 0.0, golds != [""]  # v1.1 counts a missing prediction as wrong
+            yield rid, 0.0, 0.0, has_answer  # v1.1 counts a missing prediction as wrong
         else:
             yield (rid, max(exact(pred, g) for g in golds),
-                   max(f1(pred, g, empty_matches_empty=version_2) for g in golds), golds != [""])
+                   max(f1(pred, g, empty_matches_empty=version_2) for g in golds), has_answer)
 
 
 def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict:

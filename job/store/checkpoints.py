@@ -25,6 +25,7 @@ from transformers import TrainerCallback
 
 from job.errors import StorageUnavailable
 from job.store.locations import UnsafeName, check_name, confine
+from job.store.models import MODEL_FILE_SUFFIXES
 from job.store.storage import NotFound, Storage, sha256_file
 from job.store.uploader import Uploader
 
@@ -35,8 +36,9 @@ NODES = "nodes/"  # per-node parts of a multi-node checkpoint, inside its folder
 _NAME = re.compile(r"checkpoint-(\d+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PART_WAIT_SECONDS = 300.0  # how long rank 0 waits for the other nodes' parts of one checkpoint
+_STATE = ("trainer_state.json", "training_args.bin")  # training state among the model-looking files
 
-__all__ = ["Uploader", "CheckpointCallback", "CheckpointSync", "committed_steps", "restore", "read_marker"]
+__all__ = ["Uploader", "CheckpointCallback", "CheckpointSync", "committed_steps", "fetch_model_files", "restore", "read_marker"]
 
 
 def remote_dir(step: int) -> str:
@@ -210,6 +212,32 @@ def _agree(device, *flags: bool) -> list[bool]:
     votes = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(votes, op=dist.ReduceOp.MAX)
     return [bool(v) for v in votes.tolist()]
+
+
+def fetch_model_files(store: Storage, dest: Path) -> bool:
+    """The model files (config, weights, tokenizer) of the newest committed checkpoint, verified, into ``dest``.
+
+    False when there is no usable checkpoint. The optimizer, scheduler and RNG states stay where
+    they are: ``restore`` fetches the whole checkpoint when training resumes.
+    """
+    for step in committed_steps(store):
+        try:
+            files = read_marker(store.get_bytes(remote_dir(step) + MARKER)[0], step)
+            wanted = {n: m for n, m in files.items() if "/" not in n and n.endswith(MODEL_FILE_SUFFIXES) and n not in _STATE}
+            if "config.json" not in wanted:
+                raise ValueError("no config.json")
+            for name, meta in wanted.items():
+                path = confine(dest, name)
+                store.get_file(remote_dir(step) + name, path)
+                if sha256_file(path) != meta["sha256"]:
+                    raise ValueError(f"{name}: sha256 mismatch")
+        except (NotFound, ValueError, UnsafeName) as exc:
+            log.warning("skipping unusable checkpoint", extra={"event": "checkpoint_skipped", "step": step, "reason": str(exc)[:300]})
+            shutil.rmtree(dest, ignore_errors=True)
+            continue
+        log.info("model files from the checkpoint", extra={"event": "init_from_checkpoint", "step": step})
+        return True
+    return False
 
 
 def restore(store: Storage, local_root: Path, only_step: int | None = None) -> Path | None:

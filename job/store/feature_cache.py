@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
+from job.store.files import atomic_write
 from job.store.storage import NotFound, sha256_file
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,7 @@ def cache_key(tokenizer, model_name: str, train_sha: str, eval_sha: str, setting
 def write_manifest(local: Path) -> None:
     """Write ``features.json`` for the files in ``local``, last: until it exists the cache does not."""
     manifest = {name: {"size": (local / name).stat().st_size, "sha256": sha256_file(local / name)} for name in NAMES}
-    tmp = local / f".{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest))
-    tmp.replace(local / MANIFEST)
+    atomic_write(local / MANIFEST, json.dumps(manifest).encode())
 
 
 def upload(store, local: Path, remote: str) -> None:

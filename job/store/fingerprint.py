@@ -57,14 +57,18 @@ def job_version() -> str:
     return f"{version}+{h.hexdigest()[:12]}"
 
 
-def training_inputs(settings, train_sha256: str, eval_sha256: str, init: dict | None = None) -> dict:
+def training_inputs(settings, train_sha256: str, eval_sha256: str, init: dict | None = None,
+                    base_model: str | None = None) -> dict:
     """Everything that determines the trained model and its scores, as a plain dict (for messages).
 
     ``init`` says what the weights start from (default: the base model, ``QA_MODEL_NAME``).
+    ``base_model`` is what ``QA_MODEL_NAME`` is by content (``job.store.models.model_identity``):
+    the name alone would take a folder replaced in place for the model it held before.
     """
     dumped = settings.model_dump()
     return {
         "settings": {k: v for k, v in sorted(dumped.items()) if k not in NEUTRAL_SETTINGS},
+        "base_model": base_model,
         "train_sha256": train_sha256,
         "eval_sha256": eval_sha256,
         "job_version": job_version(),

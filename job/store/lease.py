@@ -4,11 +4,17 @@ The lease is ``<run>/lease.json``. Taking it is ``put IfNoneMatch=*``; renewing 
 stale one are ``put IfMatch=<etag>``, so among racing processes exactly one write wins.
 
 Who holds it is a random token made by each process, never a host name and pid: two containers
-on one node can share both. Whether a holder is alive is decided by watching the lease object,
-not by reading clocks: a live holder rewrites it every third of its TTL, so a lease unchanged for
-a whole TTL belongs to a dead or cut-off process. A holder on this machine with this work dir is
-recognised at once through a lock file it keeps locked (``flock``) while it lives: the kernel
-drops the lock when the process dies, whatever PID namespace it was in.
+on one node can share both. Whether a holder is alive is decided by watching the lease object
+over a monotonic interval, never by comparing clocks: a live holder rewrites it every third of
+its TTL, so a lease unchanged for a whole TTL belongs to a dead or cut-off process. Its
+``expires_at`` is written for people only; a clock ahead or behind by any amount changes nothing.
+
+A holder that died on this machine in this work dir is recognised at once through the lock file
+it kept locked (``flock``) while it lived: the kernel drops the lock when the process dies,
+whatever PID namespace it was in. That proof is only accepted for the very file the holder
+locked, on the very kernel it ran on (boot id, device, inode, all recorded in the lease): a
+copied or restored work dir, or a network volume whose locks are local to each node, carries the
+lock file's content but not its lock, and its holder may be alive elsewhere.
 
 A holder that finds the lease changed or gone, or is refused by storage, has lost it: ``lost`` is
 set and ``guard`` makes every further write raise, so it can no longer commit, prune or publish
@@ -23,6 +29,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 import socket
 import threading
 import time
@@ -55,12 +62,13 @@ class Lease:
         self._lock_dir = lock_dir
         self._lock_file = None
         self._lock_id = uuid.uuid4().hex
+        self._lock_where: str | None = None  # boot id, device and inode of the lock file we hold
         self._previous_lock_id = ""
 
     def _body(self) -> bytes:
-        return json.dumps({"holder": self.token, "lock": self._lock_id if self._lock_file else None,
-                           "host": socket.gethostname(), "ttl_seconds": self.ttl,
-                           "expires_at": time.time() + self.ttl}).encode()
+        lock = {"id": self._lock_id, "file": self._lock_where} if self._lock_file and self._lock_where else None
+        return json.dumps({"holder": self.token, "lock": lock, "host": socket.gethostname(), "ttl_seconds": self.ttl,
+                           "expires_at": time.time() + self.ttl}).encode()  # expires_at: for people, never trusted
 
     # ------------------------------------------------------------------ taking it
     def acquire(self) -> None:
@@ -117,6 +125,7 @@ class Lease:
         f.write(self._lock_id)
         f.flush()
         self._lock_file = f
+        self._lock_where = _file_identity(f.fileno())
 
     def _release_local_lock(self) -> None:
         if self._lock_file is not None:
@@ -124,12 +133,11 @@ class Lease:
             self._lock_file = None
 
     def _holder_gone(self, current: dict, etag: str) -> bool:
-        """True when the holder is dead: its lock file here is ours now, or the lease went unrenewed for a TTL."""
-        if self._lock_file is not None and current.get("lock") and current.get("lock") == self._previous_lock_id:
-            return True  # it held the lock file we could just lock: that process is gone
-        expires = current.get("expires_at")
-        if isinstance(expires, (int, float)) and not isinstance(expires, bool) and math.isfinite(expires) and expires <= time.time():
-            return True  # its own deadline has passed (a wrong clock only makes us wait, below)
+        """True when the holder is dead: the lock file it held here is ours now, or the lease went unrenewed for a TTL."""
+        lock = current.get("lock")
+        if (self._lock_file is not None and self._lock_where and isinstance(lock, dict)
+                and lock.get("id") == self._previous_lock_id and lock.get("file") == self._lock_where):
+            return True  # we could just lock the very file it held locked while it lived: that process is gone
         ttl = current.get("ttl_seconds")
         watch = ttl if isinstance(ttl, (int, float)) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0 else self.ttl
         watch = min(max(watch, 1.0), _MAX_WATCH_SECONDS)
@@ -265,6 +273,17 @@ class FencedStorage:
     def delete(self, key: str) -> None:
         self._lease.verify()
         self._store.delete(key)
+
+
+def _file_identity(fd: int) -> str | None:
+    """``<boot id>:<device>:<inode>`` of an open file: the same only for this very file on this very kernel."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:  # shared by every container of a node
+            boot = f.read().strip()
+    except OSError:
+        return None  # no way to tell this kernel from another: never take the shortcut
+    st = os.fstat(fd)
+    return f"{boot}:{st.st_dev}:{st.st_ino}" if boot else None
 
 
 def _parse(raw: bytes) -> dict:

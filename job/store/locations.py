@@ -104,8 +104,17 @@ def is_run_id(value) -> bool:
 
 
 def check_channel_name(name) -> str:
-    """A channel name is one safe key segment; raises UnsafeName (a ValueError) otherwise."""
+    """A channel name is one safe key segment; raises UnsafeName (a ValueError) otherwise.
+
+    A channel keeps ``channels/<name>.json`` (its pointer) and ``channels/<name>/`` (history, run
+    records). Those two never collide between two names unless one name is the other plus
+    ``.json`` (``prod`` and ``prod.json``): on a local disk one would need a file and a folder of
+    the same name. So a name ending in ``.json`` (in any case, for case-insensitive disks) is refused.
+    """
     if not isinstance(name, str) or not _CHANNEL.fullmatch(name) or ".." in name:
         raise UnsafeName(f"invalid channel name {str(name)[:70]!r}: 1-63 letters, digits, '.', '_' or '-', "
                          "starting with a letter or digit, no '/' or '..'")
+    if name.lower().endswith(".json"):
+        raise UnsafeName(f"invalid channel name {name!r}: it must not end in '.json' (channels/<name>.json is "
+                         "another channel's pointer)")
     return name

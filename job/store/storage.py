@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
 from job.errors import StorageDenied, StorageUnavailable
+from job.store.files import atomic_write, create_new, file_lock, writing
 from job.store.locations import UnsafeName, confine, local_path, parse_s3
 
 log = logging.getLogger(__name__)
@@ -32,6 +31,10 @@ class NotFound(Exception):
 
 class PreconditionFailed(Exception):
     """A conditional write (IfNoneMatch / IfMatch) found the object not as expected."""
+
+
+class NotImplementedByStore(StorageDenied):
+    """The store answered 501 NotImplemented: it lacks the feature, so retrying cannot help (exit 2)."""
 
 
 class Storage(Protocol):
@@ -81,21 +84,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @contextlib.contextmanager
 def _local_errors(what: str):
     """A local disk's errors in the storage vocabulary: full is transient (exit 75), forbidden is not (exit 2)."""
@@ -109,16 +97,12 @@ def _local_errors(what: str):
         raise
 
 
-def _copy_atomically(src: Path, dest: Path, what: str) -> None:
+def _copy_atomically(src: Path, dest: Path, what: str, durable: bool = False) -> None:
     """Copy to a hidden temp name, then rename; the temp file never outlives a failure."""
-    tmp = dest.with_name(f".{dest.name}.part")
     with _local_errors(what):
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with writing(dest, durable) as tmp:
             shutil.copyfile(src, tmp)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 class LocalStorage:
@@ -133,7 +117,8 @@ class LocalStorage:
             raise StorageDenied(f"refusing key outside {self.root}: {exc}") from None
 
     def put_file(self, local: Path, key: str) -> None:
-        _copy_atomically(local, self._path(key), f"upload {key}")
+        # durable before a commit marker (itself written durably) can vouch for it after a power loss
+        _copy_atomically(local, self._path(key), f"upload {key}", durable=True)
 
     def get_file(self, key: str, local: Path) -> None:
         src = self._path(key)
@@ -149,21 +134,13 @@ class LocalStorage:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         if if_none_match:
-            try:  # O_EXCL is the filesystem's own "create only if absent"
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:  # whole or absent at every moment: a temp file linked to the name, failing if it exists
+                create_new(path, data)
             except FileExistsError:
                 raise PreconditionFailed(key) from None
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-            except BaseException:
-                path.unlink(missing_ok=True)  # a half-written create must not look like a taken lease
-                raise
-            return hashlib.md5(data).hexdigest()
-        if if_match is not None:
+        elif if_match is not None:
             # compare-and-swap under an exclusive lock, so racing processes see one winner
-            with open(path.with_name(f".{path.name}.lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with file_lock(path):
                 try:
                     _, etag = self.get_bytes(key)
                 except NotFound:
@@ -171,8 +148,8 @@ class LocalStorage:
                 if etag != if_match:
                     raise PreconditionFailed(key)
                 atomic_write(path, data)
-            return hashlib.md5(data).hexdigest()
-        atomic_write(path, data)
+        else:
+            atomic_write(path, data)
         return hashlib.md5(data).hexdigest()
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:
@@ -203,8 +180,11 @@ class LocalStorage:
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        with _local_errors(f"delete {key}"):
-            path.unlink(missing_ok=True)
+        try:
+            with _local_errors(f"delete {key}"), file_lock(path):  # not in the middle of a compare-and-swap
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            return  # no folder, so nothing to delete
         # S3 has no folders; here an emptied one (the root included) is removed so listings look
         # the same and a run that wrote nothing lasting leaves nothing behind. Writes recreate it.
         for parent in path.parents:
@@ -291,6 +271,8 @@ class S3Storage:
                     raise PreconditionFailed(what) from None
                 if code in _DENIED or status in (401, 403):
                     raise StorageDenied(f"storage refused {what} on {self.uri}: {code or status} (check credentials and bucket)") from None
+                if code == "NotImplemented" or status == 501:  # a 5xx, but a missing feature is not an outage
+                    raise NotImplementedByStore(f"storage {self.uri} does not implement {what} ({code or status})") from None
                 if status and status < 500 and code not in ("SlowDown", "RequestTimeout", "RequestTimeTooSkewed"):
                     raise StorageDenied(f"storage rejected {what} on {self.uri}: {code or status}") from None
                 error = f"{code or status}"
@@ -325,7 +307,14 @@ class S3Storage:
             extra["IfNoneMatch"] = "*"
         if if_match is not None:
             extra["IfMatch"] = if_match
-        resp = self._call(f"write {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra))
+        try:
+            resp = self._call(f"write {key}", lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, **extra))
+        except NotImplementedByStore:
+            if not extra:
+                raise
+            raise NotImplementedByStore(
+                f"storage {self.uri} does not support conditional writes ({' / '.join(extra)} answered NotImplemented); "
+                "the run lease and channels need them: use a store that honours them (AWS S3, MinIO, SeaweedFS...)") from None
         return resp.get("ETag", "")
 
     def get_bytes(self, key: str) -> tuple[bytes, str]:

@@ -54,7 +54,8 @@ def test_racing_writers_exactly_one_wins(root):
         current = channel.read()
         start.wait()
         try:
-            channel.swap(next_version(current.pointer, "production", published_run(root, run_id), "manual", "promote", ""), current)
+            channel.swap(next_version(current.pointer, "production", published_run(root, run_id), "manual", "promote", "", seq=2),
+                         current)
             wins.append(run_id)
         except PreconditionFailed:
             lost.append(run_id)
@@ -77,7 +78,8 @@ def test_lost_race_is_rebuilt_against_the_new_holder_and_history_stays_complete(
 
     def build(current):
         builds.append(current["run_id"])
-        return next_version(current, "production", published_run(root, "c"), "manual", "promote", "")
+        return next_version(current, "production", published_run(root, "c"), "manual", "promote", "",
+                            seq=channel.next_seq(current))
 
     def someone_else_moves_first():
         if len(builds) == 1:
@@ -95,10 +97,29 @@ def test_a_history_entry_left_out_by_a_killed_mover_is_written_before_the_next_m
     channel = Channel(root, "production")
     promote(channel, root, "a", "")
     current = channel.read()
-    channel.swap(next_version(current.pointer, "production", published_run(root, "b"), "manual", "promote", ""), current)
+    channel.swap(next_version(current.pointer, "production", published_run(root, "b"), "manual", "promote", "", seq=2), current)
     assert channel.history_seqs() == [1]  # killed between the pointer write and its history entry
     promote(channel, root, "c", "")
     assert seqs_and_links(channel) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("by_hand", ["restored from history", "deleted"])
+def test_a_new_version_never_shadows_an_existing_history_entry(root, by_hand):
+    """After a pointer restored from history (as the corrupt-pointer error advises) or deleted by hand,
+    the next seq once reused an existing entry: its history entry was silently not written."""
+    for run in ("a", "b", "c", "d"):
+        fake_run(root, run)
+    channel = Channel(root, "production")
+    for run in ("a", "b", "c"):
+        promote(channel, root, run, "")
+    if by_hand == "deleted":
+        root.delete(channel.key)
+    else:
+        root.put_bytes(channel.key, root.get_bytes(channel._history_key(1))[0])  # back to seq 1, byte for byte
+    version = promote(channel, root, "d", "after the repair")
+    assert version["seq"] == 4
+    assert [(e["seq"], e["run_id"]) for e in channel.history()] == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]
+    assert channel.history()[-1] == channel.read().pointer
 
 
 def test_cas_retries_are_bounded(tmp_path):
@@ -116,7 +137,7 @@ def test_cas_retries_are_bounded(tmp_path):
         channel.store.put_bytes(channel.key, json.dumps({**current.pointer, "reason": f"moved {len(moves)}"}).encode())
 
     with pytest.raises(ChannelBusy) as info:
-        channel.move(lambda cur: next_version(cur, "production", published_run(root, "b"), "manual", "promote", ""),
+        channel.move(lambda cur: next_version(cur, "production", published_run(root, "b"), "manual", "promote", "", seq=2),
                      before_swap=always_moved_meanwhile)
     assert info.value.exit_code == 75 and len(moves) == 5 and channel.read().pointer["run_id"] == "a"
 
@@ -185,6 +206,9 @@ def one_line(err, needle):
     (("promote", "--channel", "prod", "--run", "../a"), EXIT_CONFIG, "invalid run id"),
     (("promote", "--channel", "a/b", "--run", "a"), EXIT_CONFIG, "invalid channel name 'a/b'"),
     (("show", "--channel", ".."), EXIT_CONFIG, "invalid channel name '..'"),
+    # prod.json's folder would be prod's pointer file: on a local disk one of them could never be written
+    (("promote", "--channel", "prod.json", "--run", "a"), EXIT_CONFIG, "must not end in '.json'"),
+    (("promote", "--channel", "Prod.JSON", "--run", "a"), EXIT_CONFIG, "must not end in '.json'"),
 ])
 def test_bad_input_is_one_line_and_moves_nothing(tmp_path, capsys, args, code, needle):
     out = tmp_path / "out"

@@ -7,19 +7,23 @@ promoted; 4) a sabotaged candidate: rejected, pointer unchanged; 5) rollback fro
 line; 6) two promotions racing: one winner, the other gated again; 7) SIGKILL at each promotion
 step, then a rerun that converges; 8) warm start: the starting model scores exactly what the
 holder scored; retention and ``job.answer --channel`` on the result. On local disk, where the
-compare-and-swap is a locked file: nights 1 and 2, the race and the warm start.
+compare-and-swap is a locked file: nights 1 and 2, the base model replaced in place after night 2
+(not unchanged; a retry onto it refused), the race, a warm-started night killed after a checkpoint
+whose start model is then deleted (its retry resumes), and the warm start.
 
 The eval questions are also training questions: in 30 steps the tiny model learns them well
 enough that a sabotaged model is clearly worse, which is what the gate must see.
 """
 import datetime as dt
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.support.jobrun import DATA, RunningJob, job_env, run_job
+from tests.support.tiny import build_tiny_model
 from tests.test_job_local import one_line_error
 
 ROWS = (DATA / "squad_v1_train_64.jsonl").read_text().splitlines()
@@ -109,13 +113,19 @@ def chain(request, tmp_path_factory, tiny_model):
     """On S3 every night; on local disk (where compare-and-swap is a locked file) nights 1, 2 and the race."""
     place = Place(request.param, tmp_path_factory.mktemp(f"nightly-{request.param}"),
                   request.getfixturevalue("seaweed") if request.param == "s3" else None)
-    place.tiny = tiny_model
+    place.tiny = shutil.copytree(tiny_model, place.tmp / "base")  # the chain's own: night n2b replaces it
     c = Chain(place)
     place.drop("train", "part-a.jsonl", DROP_A)
     place.drop("train", "_SUCCESS", "")
     place.drop("eval", "part-a.jsonl", DROP_A)
     c.night("n1")
     c.night("n2")
+    if place.kind == "local":  # the base model replaced in place, under the same QA_MODEL_NAME
+        other = build_tiny_model(place.tmp / "other", seed=1)
+        swap_weights(place.tiny, other)
+        c.results["n2b-killed"] = c.night("n2b", killer="kill:put_file@1")  # past the plan and the folder's claim
+        swap_weights(place.tiny, other)  # back: its retry finds another base model than its first attempt
+        c.night("n2b")
     place.drop("train", "part-b.jsonl", DROP_B)
     place.drop("eval", "part-b.jsonl", DROP_B)
     if place.kind == "s3":
@@ -127,6 +137,11 @@ def chain(request, tmp_path_factory, tiny_model):
     # both read the pointer (their 2nd read: the 1st is the skip-if-unchanged check), then both try to move it
     for name, result in c.together(("x", "y"), "meet:pointer_read@2=2", **ANY).items():
         c.record(name, result)
+    if place.kind == "local":  # a warm start killed after its first checkpoint; then its start model goes
+        warm = dict(ANY, QA_CHECKPOINT_STEPS="5")
+        c.results["w-killed"] = c.night("w", killer="kill:put_bytes:COMMIT.json@2", **warm)
+        shutil.rmtree(Path(place.out) / c.place.json("channels/production.json")["run_id"] / "model")
+        c.night("w", **warm)
     if place.kind == "s3":  # SIGKILL at each step of promotion, then a rerun that converges
         for step, killer in enumerate(("kill:promote@1", "kill:pointer_read@1", "kill:decided@1", "kill:pointer_write@1", None)):
             c.night("z", killer=killer, QA_SEED=str(SEEDS["z"]), **ANY)
@@ -134,9 +149,15 @@ def chain(request, tmp_path_factory, tiny_model):
     return c
 
 
+def swap_weights(a: Path, b: Path) -> None:
+    (a / "model.safetensors").rename(a / "swap")
+    (b / "model.safetensors").rename(a / "model.safetensors")
+    (a / "swap").rename(b / "model.safetensors")
+
+
 def needs(chain, step):
     if step not in chain.results:
-        pytest.skip(f"{step} runs on S3 only")
+        pytest.skip(f"{step} is not part of the chain on {chain.place.kind} storage")
 
 
 def succeeded(result):
@@ -180,6 +201,26 @@ def test_same_data_is_unchanged_and_nothing_trains(chain):
         # On S3 both nights first pay ~0.3 s of client set-up and lease, which is a tenth of this tiny
         # model's whole night 1; on local disk the night's own work is all there is to compare.
         assert seconds(result) < seconds(chain.results["n1"]) / 10, (seconds(result), seconds(chain.results["n1"]))
+
+
+def test_a_base_model_replaced_in_place_is_not_unchanged_and_no_retry_resumes_onto_it(chain):
+    """The recipe and fingerprint once knew QA_MODEL_NAME by name: same folder, new weights, `unchanged`."""
+    needs(chain, "n2b")
+    killed, place = chain.results["n2b-killed"], chain.place
+    assert killed.returncode == -9 and not killed.event("unchanged") and killed.event("fault_injected")
+    base_model = place.json("n2b/run.json")["inputs"]["base_model"]
+    assert base_model.startswith("sha256:") and base_model != place.json("n1/run.json")["inputs"]["base_model"]
+    one_line_error(chain.results["n2b"], 2, "differs in: base_model")
+
+
+def test_a_warm_started_retry_resumes_from_its_checkpoint_when_its_start_model_is_gone(chain):
+    """The retry once exited 2 fetching the pruned start model, although its checkpoint held the weights."""
+    needs(chain, "w-killed")
+    killed, retry = chain.results["w-killed"], succeeded(chain.results["w"])
+    assert killed.returncode == -9 and killed.event("checkpoint_committed")
+    step = killed.event("checkpoint_committed")[-1]["step"]
+    assert retry.event("init_from_checkpoint")[0]["step"] == step and retry.event("resume")[0]["step"] == step
+    assert retry.event("published") and promotion(retry)["pointer_moved"]
 
 
 def test_new_file_is_trained_gated_against_the_rescored_holder_and_promoted(chain):

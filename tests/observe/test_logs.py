@@ -52,6 +52,32 @@ def test_secrets_are_removed_from_text_lines_too(formats):
         assert "s3cr3t-value-xyz" not in line and "user:pw" not in line and "***" in line
 
 
+def test_switch_values_of_credential_named_variables_leave_lines_whole(formats):
+    """TOKENIZERS_PARALLELISM=false once masked every `false` of every line: lines stopped being JSON."""
+    quoted = 'se"cr\\et-Quokka-77'  # a secret JSON escapes: it must go from the value, not from the escaped text
+    register_secrets({"TOKENIZERS_PARALLELISM": "false", "SOME_API_TOKEN": "true", "MY_ACCESS_KEY": "1",
+                      "HF_TOKEN_ENABLED": "disabled", "ODD_PASSWORD": quoted})
+    as_json, as_text = formats
+    rec = record("evaluation finished false 1", event="eval", step=1, during_training=False, squad_v2=False,
+                 exact_match=1, f1=1.0, note="true", settings={"squad_v2": False, "token": quoted}, call=f"x {quoted} y")
+    entry = json.loads(as_json.format(rec))
+    assert entry["msg"] == "evaluation finished false 1" and entry["note"] == "true"
+    assert entry["during_training"] is False and entry["squad_v2"] is False and entry["exact_match"] == 1
+    assert entry["settings"] == {"squad_v2": False, "token": "***"} and entry["call"] == "x *** y"
+    text = as_text.format(record("switch is false", event="brand_new", call=f"x {quoted} y", flag=True))
+    assert quoted not in text and "switch is false" in text and "flag=True" in text
+
+
+def test_what_counts_as_a_secret():
+    from job.observe.redaction import could_be_secret
+
+    for value in ("false", "TRUE", "1", "0.5", "-3", "off", "disabled", "abc", "  yes  ", "1e-3"):
+        assert not could_be_secret(value), value
+    for value in ("hunter2!", "pw-1", "s3cr3t-value-xyz", "passwords", "123456789", "/var/run/secrets/token",
+                  "AKIAIOSFODNN7EXAMPLE"):
+        assert could_be_secret(value), value
+
+
 def test_summary_block_puts_scores_beside_the_untrained_head(formats):
     _, as_text = formats
     text = as_text.format(record("run summary", event="summary", run_id="demo", exact_match=41.0, f1=52.25, examples=100,

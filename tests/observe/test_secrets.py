@@ -75,9 +75,16 @@ def test_an_unexpected_error_quoting_a_secret_is_redacted(seaweed, bucket, tmp_p
 
 
 def test_a_successful_run_writes_no_secret(seaweed, bucket, tmp_path, tiny_model):
+    # switches in credential-named variables (the usual way to silence the tokenizers fork warning)
+    # are not secrets: they once masked every `false` and `1`, and no line was JSON any more
     env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_RUN_ID="success", QA_MAX_STEPS="2",
-                  HF_TOKEN=TOKEN, **s3_env(seaweed))
+                  HF_TOKEN=TOKEN, TOKENIZERS_PARALLELISM="false", SOME_TOKEN="true", SOME_KEY="1", **s3_env(seaweed))
     result = run_job(env)
     assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and len(result.events) == len(lines), [line for line in lines if not line.startswith("{")][:3]
+    (final,) = [e for e in result.event("eval") if not e["during_training"]]
+    assert final["during_training"] is False and result.event("start")[0]["settings"]["squad_v2"] is False
+    assert result.event("done")[0]["exit_code"] == 0
     assert_no_secret(everything_written(tmp_path, result, seaweed.client(), bucket), TOKEN, env["AWS_SECRET_ACCESS_KEY"],
                      env["AWS_ACCESS_KEY_ID"])

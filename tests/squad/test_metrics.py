@@ -56,3 +56,11 @@ def test_per_example_scores_average_to_the_official_scores(version_2):
         assert sum(s[metric] for s in each.values()) / len(each) == pytest.approx(official[metric])
     assert each["q1"] == {"exact_match": 100.0, "f1": 100.0}
     assert ("q2" in each) is (not version_2)  # v1.1 counts a missing prediction as 0, v2.0 leaves it out
+
+
+def test_v2_answers_that_normalise_to_nothing_are_still_answerable():
+    """The official v2.0 script splits HasAns/NoAns on the raw answers, and scores such a question against ""."""
+    data = rows(("q1", ["the", "."]), ("q2", []), ("q3", ["Normandy"]))
+    scores = squad_scores(data, {"q1": "", "q2": "", "q3": "Normandy"}, version_2=True)
+    assert (scores["HasAns_total"], scores["NoAns_total"]) == (2, 1)
+    assert scores["HasAns_exact"] == 100.0 and scores["exact_match"] == 100.0  # "" matches the emptied gold

@@ -101,3 +101,30 @@ def test_storage_unreachable_at_publish_exits_75_then_rerun_publishes(seaweed, f
     client = seaweed.client()
     metrics = json.loads(client.get_object(Bucket=bucket, Key="runs/test-run/metrics.json")["Body"].read())
     assert metrics["global_step"] == 4 and client.head_object(Bucket=bucket, Key="runs/test-run/COMPLETE")
+
+
+def test_a_store_that_refuses_conditional_writes_is_a_configuration_error(seaweed, fault_proxy, monkeypatch):
+    """501 NotImplemented to IfNoneMatch/IfMatch is a missing feature, not an outage: exit 2 at once, not 75 after retries."""
+    from job.channels.channel import Channel
+    from job.errors import EXIT_CONFIG
+    from job.store.lease import Lease
+    from job.store.storage import RetryPolicy, open_storage
+
+    bucket, proxy = new_bucket(seaweed), fault_proxy(seaweed)
+    for k, v in s3_env(seaweed).items():
+        monkeypatch.setenv(k, v)
+    store = open_storage(f"s3://{bucket}/out", RetryPolicy(attempts=3, backoff_seconds=0.5, timeout_seconds=5), proxy.endpoint)
+    proxy.refuse_conditional_writes()
+    store.put_bytes("plain.json", b"{}")  # unconditional writes still go through
+    started = time.monotonic()
+    for attempt in (lambda: Channel(store, "production").check_conditional_writes(),
+                    lambda: Lease(store, "r", ttl_seconds=6).acquire()):
+        try:
+            attempt()
+        except Exception as exc:  # noqa: BLE001  the exit code is what is asserted
+            assert getattr(exc, "exit_code", None) == EXIT_CONFIG, repr(exc)
+            assert "conditional writes" in str(exc)
+        else:
+            raise AssertionError("a store refusing conditional writes was accepted")
+    assert time.monotonic() - started < 1.5, "retried as if transient"
+    assert seaweed.client().list_objects_v2(Bucket=bucket, Prefix="out/").get("KeyCount") == 1  # plain.json alone

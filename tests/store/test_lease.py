@@ -31,11 +31,12 @@ def test_two_jobs_started_together_exactly_one_trains(s3_bucket, tmp_path, tiny_
 
 
 def test_stale_lease_of_a_dead_holder_is_taken_over(s3_bucket, tmp_path, tiny_model):
-    stale = {"holder": "old", "host": "node-that-died", "pid": 1, "expires_at": time.time() - 5}
+    stale = {"holder": "old", "host": "node-that-died", "pid": 1, "ttl_seconds": 2, "expires_at": time.time() - 5}
     s3_bucket.client.put_object(Bucket=s3_bucket.name, Key=f"runs/test-run/{KEY}", Body=json.dumps(stale).encode())
     env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{s3_bucket.name}/runs", QA_MAX_STEPS="2", **s3_bucket.env)
     result = run_job(env)
     assert result.returncode == 0, result.stderr
+    assert result.event("lease_wait")[0]["seconds"] == 2  # its own TTL unrenewed, whatever its expires_at said
     assert result.event("lease_takeover")[0]["previous_host"] == "node-that-died"
 
 
@@ -63,7 +64,8 @@ import sys, time
 from pathlib import Path
 from job.store.lease import Lease
 from job.store.storage import LocalStorage
-lease = Lease(LocalStorage(Path(sys.argv[1])), "r", ttl_seconds=300, lock_dir=Path(sys.argv[2]))
+ttl = float(sys.argv[3]) if len(sys.argv) > 3 else 300
+lease = Lease(LocalStorage(Path(sys.argv[1])), "r", ttl_seconds=ttl, lock_dir=Path(sys.argv[2]))
 lease.acquire()
 print("held", flush=True)
 time.sleep(600)
@@ -85,6 +87,54 @@ def test_dead_holder_with_this_work_dir_is_taken_over_at_once(tmp_path):
     with Lease(LocalStorage(tmp_path / "out"), "r", ttl_seconds=300, lock_dir=tmp_path / "work"):
         pass
     assert time.monotonic() - started < 2
+
+
+def test_a_copied_work_dir_does_not_prove_its_holder_dead(tmp_path):
+    """A snapshot, an rsync or another node's view of a network volume carries lease.lock without its lock."""
+    import shutil
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "out"), str(tmp_path / "work"), "1.5"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / "copy").mkdir()
+        shutil.copy2(tmp_path / "work" / "lease.lock", tmp_path / "copy" / "lease.lock")
+        started = time.monotonic()
+        with pytest.raises(RunLocked, match="is already running"):  # watched, saw it renewed
+            Lease(LocalStorage(tmp_path / "out"), "r", ttl_seconds=1.5, lock_dir=tmp_path / "copy").acquire()
+        assert time.monotonic() - started > 0.2
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+class SkewedClock:
+    """``time`` as this process sees it with its clock off by ``offset`` seconds (the monotonic clock is not)."""
+
+    def __init__(self, offset: float):
+        self.offset = offset
+
+    def time(self) -> float:
+        return time.time() + self.offset
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+
+@pytest.mark.parametrize("whose, offset", [("replacement ahead", 10.0), ("holder behind", -10.0)])
+def test_a_wrong_clock_never_steals_a_live_lease(tmp_path, monkeypatch, whose, offset):
+    """Clocks differ by more than the TTL: an expires_at in the past is no proof of death, only an unrenewed TTL is."""
+    import job.store.lease
+
+    store = LocalStorage(tmp_path)
+    if whose == "replacement ahead":
+        monkeypatch.setattr(job.store.lease, "time", SkewedClock(offset))
+    with renewing_holder(store, {"holder": "live", "host": "other-node", "ttl_seconds": 1.5}, ttl=1.5,
+                         clock=offset if whose == "holder behind" else 0.0):
+        with pytest.raises(RunLocked, match="already running on other-node"):
+            Lease(store, "r", ttl_seconds=1.5).acquire()
+        assert json.loads(store.get_bytes(KEY)[0])["holder"] == "live"
 
 
 def test_live_holder_with_our_host_name_and_pid_is_not_robbed(tmp_path):
@@ -215,13 +265,13 @@ def test_a_partitioned_holder_keeps_training_but_a_taken_over_lease_stops_its_ne
 
 
 @contextlib.contextmanager
-def renewing_holder(store, body: dict, ttl: float):
-    """Another live job holding the lease: it renews every 0.3 s, as a job on another machine would."""
+def renewing_holder(store, body: dict, ttl: float, clock: float = 0.0):
+    """Another live job holding the lease: it renews every 0.3 s, as a job on another machine would (whose clock is ``clock`` s off)."""
     stop = threading.Event()
 
     def renew():
         while not stop.is_set():
-            store.put_bytes(KEY, json.dumps({**body, "expires_at": time.time() + ttl}).encode())
+            store.put_bytes(KEY, json.dumps({**body, "expires_at": time.time() + clock + ttl}).encode())
             stop.wait(0.3)
 
     thread = threading.Thread(target=renew)

@@ -18,7 +18,7 @@ _RST = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST instead o
 
 @dataclass(frozen=True)
 class _Mode:  # a new object per switch, so per-connection byte counts restart at each switch
-    kind: str = "pass"  # pass | reset_after_bytes | blackhole
+    kind: str = "pass"  # pass | reset_after_bytes | blackhole | refuse_conditional
     limit: int = 0
     delay: float = 0.0
 
@@ -60,6 +60,15 @@ class FaultProxy:
         """Delay every chunk, both directions, by ``seconds``."""
         with self._lock:
             self._mode = _Mode("pass", delay=seconds)
+
+    def refuse_conditional_writes(self) -> None:
+        """Answer ``501 NotImplemented`` to every request with If-None-Match / If-Match, as some stores do.
+
+        The proxy then reads requests (head, then Content-Length bytes of body) instead of bytes,
+        on connections already open too; switch it while the connections are idle.
+        """
+        with self._lock:
+            self._mode = _Mode("refuse_conditional")
 
     def blackhole(self) -> None:
         """Accept, never forward, never answer: the peer only ever sees a timeout."""
@@ -150,6 +159,9 @@ class FaultProxy:
                 if is_upload and self._take_reset():
                     self._reset(client, upstream)
                     return
+                if is_upload and mode.kind == "refuse_conditional" and dst is not None:
+                    self._requests(data, client, upstream)
+                    return
                 if mode.kind == "blackhole" or dst is None:
                     continue  # swallow it
                 if mode.delay:
@@ -164,6 +176,43 @@ class FaultProxy:
                 sent += len(data)
         except OSError:
             self._drop(client, upstream)
+
+    def _requests(self, buf: bytes, client, upstream) -> None:
+        """Forward HTTP requests one by one; a conditional one gets a 501 and the connection is closed."""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = client.recv(65536)
+                if not data:
+                    self._drop(client, upstream)
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            fields = {k.strip().lower(): v.strip() for k, _, v in
+                      (line.decode("latin-1").partition(":") for line in head.split(b"\r\n")[1:])}
+            left = int(fields.get("content-length") or 0)
+            if "if-none-match" in fields or "if-match" in fields:
+                if fields.get("expect", "").lower() != "100-continue":  # the body is on its way: read it first
+                    while len(buf) < left:
+                        data = client.recv(65536)
+                        if not data:
+                            break
+                        buf += data
+                body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>NotImplemented</Code>'
+                        b"<Message>A header you provided implies functionality that is not implemented</Message></Error>")
+                client.sendall(b"HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n"
+                               b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+                self._drop(client, upstream)
+                return
+            upstream.sendall(head + b"\r\n\r\n")
+            while left:  # with Expect: 100-continue the body comes once the server said so
+                if not buf:
+                    buf = client.recv(65536)
+                    if not buf:
+                        self._drop(client, upstream)
+                        return
+                chunk, buf = buf[:left], buf[left:]
+                upstream.sendall(chunk)
+                left -= len(chunk)
 
     def close(self) -> None:
         with self._lock:
