@@ -46,9 +46,13 @@ class StopRequest:
         self.grace_seconds = grace_seconds
 
     def _handle(self, signum, _frame) -> None:
+        self.request(signal.Signals(signum).name)
+
+    def request(self, cause: str) -> None:
+        """A stop from ``cause`` (a signal's name, or another process's stop under torchrun), with its own deadline."""
         if self.event.is_set():
             return  # a second Ctrl-C or SIGTERM changes nothing: the first one's deadline holds
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = cause
         self.deadline = time.monotonic() + self.grace_seconds
         self.event.set()
         if logging.getLogger().handlers:  # before logging is set up, the failed line will say it all
