@@ -130,7 +130,6 @@ def bf16_rounded(values) -> bool:
 
 def test_logits_keep_fp32_resolution_under_bf16(setup, tmp_path):
     """A GPU night runs the encoder in bf16; the QA head stays fp32, so near-tied spans are told apart as in fp32."""
-    from job.evaluate import predict_logits
     from job.train import build_trainer, training_arguments
 
     settings, trainer, features = setup
@@ -139,5 +138,7 @@ def test_logits_keep_fp32_resolution_under_bf16(setup, tmp_path):
     inputs = features.remove_columns(["example_index", "offset_mapping"]).select(range(8))
     start, end = bf16.predict(inputs).predictions[:2]
     assert not bf16_rounded(start[:, :16]) and not bf16_rounded(end[:, :16])
+    from job.evaluate import predict_logits  # the holder's path (no Trainer)
+
     start, end = predict_logits(trainer.model, trainer.processing_class, features.select(range(8)), 8, "cpu", "bf16")
     assert not bf16_rounded(start[:, :16]) and not bf16_rounded(end[:, :16])
