@@ -38,9 +38,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 PART_WAIT_SECONDS = 300.0  # how long rank 0 waits for the other nodes' parts of one checkpoint
 # QA_CHECKPOINT_STEPS / QA_CHECKPOINT_MINUTES "auto". On CPU a step takes a second or more: every
 # 500 steps or 30 minutes. On CUDA 500 steps are seconds (a 2-epoch DistilBERT run is ~15,000
-# steps of a few ms to tens of ms), so the cadence is time only. Measured (bench/RESULTS.md,
-# checkpoint_cost.py): a save stalls training for the local write (2.8 s for MiniLM's 272 MB;
-# DistilBERT's ~0.8 GB scales to about 8 s on such a disk) and the upload runs beside training.
+# steps of a few ms to tens of ms), so the cadence is time only. Measured (bench/RESULTS.md): a
+# save stalls training for the local write (0.7-0.9 s for MiniLM's 272 MB, 2.8 s with an upload
+# competing; DistilBERT's ~0.8 GB scales to 2-8 s on such a disk); the upload runs beside training.
 # Every 10 minutes keeps that stall at about 1% of the time even on a slow scratch disk, and
 # bounds what a hard kill (node loss, OOM) can lose to 10 minutes; SIGTERM preemptions lose
 # nothing (the stop's own checkpoint).
