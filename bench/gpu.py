@@ -31,6 +31,7 @@ import argparse
 import gc
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -45,20 +46,28 @@ EXIT_NO_GPU = 6
 FULL_SQUAD_WINDOWS = 88_524  # SQuAD v1.1 train at 384/128, uncased vocabulary (published run_qa counts)
 FULL_SQUAD_EXAMPLES = 87_599
 EPOCHS = 2
-# Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets, TFLOPS; matched on the
-# device name, most specific first. Anything else: pass --peak-tflops.
-BF16_PEAK_TFLOPS = (
-    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
-)
+# Dense (no sparsity) bf16 tensor-core peaks from the vendor data sheets, TFLOPS, keyed by the
+# words of the device name: "L4" is not "L40", "A10" is not "A10G", "H200 NVL" is not "H200".
+# The longest key that matches wins. Anything else: pass --peak-tflops.
+BF16_PEAK_TFLOPS = {
+    ("H100", "PCIe"): 756.0, ("H100", "NVL"): 835.0, ("H100",): 989.4,
+    ("H200", "NVL"): 835.0, ("H200",): 989.4, ("GH200",): 989.4,
+    ("B200",): 2250.0, ("A100",): 312.0,
+    ("L40S",): 362.0, ("L40",): 181.0, ("L4",): 121.0,
+    # A10G (AWS G5): no NVIDIA data sheet; 70 is the figure cloud documentation gives, about half
+    # the A10's 125 (another clock and tensor-core rate). Pass --peak-tflops if yours says otherwise.
+    ("A10G",): 70.0, ("A10",): 125.0,
+}
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
     if override:
         return override
-    for key, value in BF16_PEAK_TFLOPS:
-        if key in name:
-            return value
+    words = [w.upper() for w in re.split(r"[^0-9A-Za-z]+", name) if w]
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
+        wanted = [w.upper() for w in key]
+        if any(words[i:i + len(wanted)] == wanted for i in range(len(words))):
+            return BF16_PEAK_TFLOPS[key]
     return None
 
 
@@ -252,7 +261,7 @@ def main() -> int:
         env = {"QA_MODEL_NAME": str(model_dir), "QA_BATCH_SIZE": str(args.batch), "QA_MAX_STEPS": str(args.steps),
                "QA_PRECISION": precision, "QA_LEARNING_RATE": "3e-5"}
         if smoke:
-            env["QA_COMPILE"] = "true"
+            env.update(QA_COMPILE="true", QA_DEVICE="cpu")  # the CPU even where a GPU is there
 
         def smoke_backend(trainer_args):
             if smoke and trainer_args.torch_compile:
@@ -278,7 +287,7 @@ def main() -> int:
         if deadline.left() > 60:
             # the job's eval batch; smaller in the smoke test, so its few windows still make several batches
             settings = load_settings({"QA_MODEL_NAME": str(model_dir), "QA_WORK_DIR": str(tmp),
-                                      **({"QA_EVAL_BATCH_SIZE": "8"} if smoke else {})})
+                                      **({"QA_EVAL_BATCH_SIZE": "8", "QA_DEVICE": "cpu"} if smoke else {})})
             features = feature_dataset("eval", tokenizer, dev_rows, args.max_length, args.stride, workers)
             evals = {}
             for sorted_ in (False, True, False, True):

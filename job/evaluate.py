@@ -5,6 +5,11 @@ In dataset order most batches of 64 hold one long window and are padded to it; s
 batch is padded only to its own longest, so the model computes about half the positions on
 SQuAD. The answers are the ones dataset order gives, up to the last bits of the logits: the
 matmuls see other batch shapes, which can flip a near-tie between two spans (RESULTS.md counts it).
+
+Two ways to get the logits, one decoding (``score_logits``): ``evaluate`` through the Trainer
+(under torchrun every rank predicts its share), and ``evaluate_model``, a plain loop in one
+process with no Trainer and no collective, for a model scored alone (the channel holder). Both
+give fp32 logits: the QA head runs outside autocast (``job.train.Fp32Head``).
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ def window_offsets(features) -> list[np.ndarray]:
 
 def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None, *, during_training: bool = False,
              length_sorted: bool = True) -> tuple[dict, dict[str, str]]:
+    """Score the Trainer's model with ``trainer.predict``: under torchrun every rank predicts its share."""
     model_inputs = eval_features.remove_columns(list(_DECODING_COLUMNS))
     lengths = window_lengths(eval_features)
     order = length_order(lengths) if length_sorted else None
@@ -91,6 +97,57 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None, *, d
     start_logits, end_logits = output.predictions[:2] if isinstance(output.predictions, tuple) else output.predictions
     if order is not None:
         start_logits, end_logits = restore_order(start_logits, order), restore_order(end_logits, order)
+    return score_logits(rows, eval_features, start_logits, end_logits, settings, step=trainer.state.global_step,
+                        during_training=during_training)
+
+
+def evaluate_model(model, tokenizer, eval_features, rows: list[dict], settings, *, device: str = "cpu",
+                   precision: str = "fp32", stop=None) -> tuple[dict, dict[str, str]]:
+    """Score a model without a Trainer: one process, no collective, the same windows, order and decoding.
+
+    What a process scores alone: the channel holder on rank 0 while the other ranks are gone (a
+    Trainer built under torchrun would wait for them in its first collective).
+    """
+    start_logits, end_logits = predict_logits(model, tokenizer, eval_features, settings.eval_batch_size, device,
+                                              precision, stop)
+    return score_logits(rows, eval_features, start_logits, end_logits, settings, step=None)
+
+
+def predict_logits(model, tokenizer, eval_features, batch_size: int, device: str = "cpu", precision: str = "fp32",
+                   stop=None) -> tuple[np.ndarray, np.ndarray]:
+    """fp32 start and end logits of every window, in dataset order, from a plain loop over the windows
+    longest first (each batch padded to its own longest, in multiples of 8 on CUDA, as the Trainer's
+    evaluation pads them). bf16/fp16 run under autocast as in training; the QA head stays fp32
+    (``job.train.Fp32Head``). A stop request ends it between batches."""
+    import torch
+
+    columns = [c for c in eval_features.column_names if c not in _DECODING_COLUMNS]
+    model_inputs = eval_features.select_columns(columns)
+    lengths = window_lengths(eval_features)
+    order = length_order(lengths)
+    width = int(lengths.max()) if len(lengths) else 0
+    start, end = (np.full((len(lengths), width), -100.0, dtype=np.float32) for _ in range(2))
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    target = torch.device(device)
+    model.to(target).eval()
+    with torch.inference_mode(), torch.autocast(target.type, dtype=dtype, enabled=dtype is not None):
+        for begin in range(0, len(order), batch_size):
+            if stop is not None:
+                stop.check()
+            chunk = order[begin:begin + batch_size]
+            batch = tokenizer.pad(model_inputs[chunk.tolist()], return_tensors="pt",
+                                  pad_to_multiple_of=8 if target.type == "cuda" else None)
+            out = model(**{k: v.to(target) for k, v in batch.items()})
+            for into, logits in ((start, out.start_logits), (end, out.end_logits)):
+                values = logits.float().cpu().numpy()[:, :width]
+                into[chunk, :values.shape[1]] = values
+    return start, end
+
+
+def score_logits(rows: list[dict], eval_features, start_logits, end_logits, settings, *, step: int | None,
+                 during_training: bool = False) -> tuple[dict, dict[str, str]]:
+    """Decode every example's answer from its windows' logits (dataset order) and score EM/F1."""
+    lengths = window_lengths(eval_features)
     nonfinite = count_nonfinite(start_logits, end_logits, lengths)
     if nonfinite:
         # decoding treats NaN as -inf (job.squad.decoding); say so, since it usually means a diverged model
@@ -102,7 +159,7 @@ def evaluate(trainer, eval_features, rows: list[dict], settings, stop=None, *, d
         version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
     )
     scores = squad_scores(rows, predictions, version_2=settings.squad_v2)
-    log.info("evaluation finished", extra={"event": "eval", "step": trainer.state.global_step, "examples": len(rows),
+    log.info("evaluation finished", extra={"event": "eval", "step": step, "examples": len(rows),
                                            "during_training": during_training,
                                            **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
     return scores, predictions

@@ -6,16 +6,18 @@ import errno
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from job import publish
 from job.channels import nightly, promotion
 from job.data import load_splits
+from job.device import check_device
 from job.errors import ConfigError, RunLocked, StorageUnavailable
 from job.observe import summary
 from job.preemption import StopRequest
 from job.preprocess import build_features
+from job.ranks import Ranks
 from job.settings import Settings
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
@@ -30,37 +32,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Ranks:
-    """Where this process sits under torchrun; a plain ``python -m job`` is rank 0 of 1."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    node: int = 0  # torchrun's GROUP_RANK
-
-    @classmethod
-    def from_env(cls, environ) -> "Ranks":
-        world = int(environ.get("WORLD_SIZE", 1))
-        rank, local_world = int(environ.get("RANK", 0)), int(environ.get("LOCAL_WORLD_SIZE", world))
-        return cls(rank, int(environ.get("LOCAL_RANK", 0)), world, local_world, int(environ.get("GROUP_RANK", rank // max(local_world, 1))))
-
-    @property
-    def is_writer(self) -> bool:
-        """Rank 0 alone holds the lease, commits checkpoints and publishes."""
-        return self.rank == 0
-
-    @property
-    def is_node_leader(self) -> bool:
-        """The first process of each node uploads the checkpoint files only its node has."""
-        return self.local_rank == 0
-
-    @property
-    def nodes(self) -> int:
-        return max(self.world_size // max(self.local_world_size, 1), 1)
-
-
-@dataclass(frozen=True)
 class RunContext:
     """What every stage after start-up shares: settings, place in the process group, storage, stop and lease."""
 
@@ -69,6 +40,7 @@ class RunContext:
     store: object  # job.store.storage.Storage of the run folder
     stop: StopRequest
     lease: Lease | None
+    args: object = None  # the Trainer's arguments, once they created the process group (torchrun only)
 
     def check_stop(self) -> None:
         """Between stages: a lost lease or a stop request ends the run here (exit 4 or 143)."""
@@ -97,54 +69,92 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
 
 
 def train_evaluate_publish(ctx: RunContext) -> bool:
-    """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn."""
+    """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn.
+
+    Under torchrun every decision one process takes for all is rank 0's (``job.ranks``): the
+    night's plan, the run folder's claim and whether results staged in rank 0's work dir are
+    published instead of training again. A rank that decided on its own would go elsewhere and
+    leave the others waiting in a collective.
+
+    ``QA_DEVICE`` is checked after the data (a bad row ends the run before torch loads) and, in
+    one process, after the night's plan (so does a night with nothing new); under torchrun before
+    the process group, which the decisions travel through.
+    """
     settings, ranks = ctx.settings, ctx.ranks
     train_split, eval_split = load_splits(settings, _policy(settings))
+    if ranks.world_size > 1:
+        ctx = replace(ctx, args=_join_process_group(ctx))
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
-    night = nightly.plan(ctx, train_split, eval_split, base)  # with a channel: skip-if-unchanged, warm start
+    night = ranks.from_rank0(lambda: nightly.plan(ctx, train_split, eval_split, base))  # skip-if-unchanged, warm start
     if night.unchanged:
         return False
+    if ctx.args is None:
+        check_device(settings)  # a GPU that cannot be used as asked: exit 2 before anything is tokenized or trained
     inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base)
-    if ranks.is_writer:
-        publish.claim_run_folder(ctx.store, settings, inputs)
-    if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
-        return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
+    if ranks.from_rank0(lambda: _claim(ctx, inputs)):
+        if ranks.is_writer:  # an earlier attempt of this very run trained and evaluated; only the upload failed
+            publish.publish_staged(publish.staging_dir(settings), ctx.store, ctx.stop)
+        return True
     ctx.check_stop()
     from job.train import check_window_fits, load_model
 
     tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank, ctx.store), settings.seed,
                                   settings.attention)
     check_window_fits(model, settings.max_length)
-    features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
+    # the first process of each node tokenizes (or downloads the cache); the others then read its cache
+    features = ranks.leaders_first(lambda: build_features(settings, tokenizer, train_split, eval_split, ctx.store,
+                                                          ranks.is_writer))
     ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
     return True
 
 
-def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
-    import torch
+def _join_process_group(ctx: RunContext):
+    """Under torchrun: the device check, then the Trainer's arguments, which create the process group."""
+    settings, ranks = ctx.settings, ctx.ranks
+    check_device(settings, ranks.world_size, ranks.local_world_size)
+    args = _training_arguments(settings)
+    _ = args.device  # initialises the process group (accelerate's PartialState), which the Trainer then uses
+    return args
 
+
+def _training_arguments(settings):
+    from job.train import precision_for, training_arguments
+
+    return training_arguments(settings, Path(settings.work_dir) / settings.run_id / "trainer", precision_for(settings))
+
+
+def _claim(ctx: RunContext, inputs: dict) -> bool:
+    """On rank 0: bind the run folder to these inputs; True when this work dir holds their staged results."""
+    publish.claim_run_folder(ctx.store, ctx.settings, inputs)
+    return publish.staged_results(ctx.settings, inputs) is not None
+
+
+def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
     from job.evaluate import evaluate
-    from job.train import resolve_precision, training_arguments
 
     settings, ranks = ctx.settings, ctx.ranks
-    cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
-    out = Path(settings.work_dir) / settings.run_id / "trainer"
-    args = training_arguments(settings, out, precision)
+    args = ctx.args or _training_arguments(settings)
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    out = Path(args.output_dir)
     resume = _restore(ctx.store, out, ranks, args)
     trainer, uploader = _trainer(ctx, tokenizer, model, features, eval_split, args, resume)
-    log.info("training setup", extra={"event": "setup", "precision": precision, "device": _device_name(cuda),
+    device = _device_name(not args.use_cpu)
+    log.info("training setup", extra={"event": "setup", "precision": precision, "device": device,
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
     train_metrics = _train_and_commit(ctx, trainer, uploader, resume)
-    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=ctx.stop)
+    # under torchrun a stop is not checked between batches: a rank leaving mid-prediction would leave the
+    # others in a collective; the grace period covers an evaluation, and the stop is honoured after it
+    scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings,
+                                   stop=ctx.stop if ranks.world_size == 1 else None)
+    ctx.check_stop()
     if ranks.is_writer:
         context = {
             "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
                               **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
                      for s in (train_split, eval_split)},
             "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
-            "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,
+            "precision": precision, "device": device, "world_size": ranks.world_size,
             "resumed_from_step": _step(resume),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
@@ -172,7 +182,7 @@ def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resu
     # RunTensorBoard before CheckpointCallback: the events are in a checkpoint before it is uploaded
     callbacks = [*([tracking.RunTensorBoard(events)] if events else []),
                  ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
-                 checkpoints.CheckpointCallback(settings.checkpoint_steps, settings.checkpoint_minutes, ctx.stop, uploader, ctx.lease)]
+                 checkpoints.CheckpointCallback(*checkpoints.cadence(settings, not args.use_cpu), ctx.stop, uploader, ctx.lease)]
     trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
     if settings.eval_steps:
         PeriodicEval(settings.eval_steps, eval_split.rows, features.eval, settings).attach(trainer)
@@ -181,19 +191,26 @@ def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resu
 
 def _train_and_commit(ctx: RunContext, trainer, uploader, resume: Path | None) -> dict:
     """Train; on a stop or a lost lease, wait (within the grace period) for the last checkpoint's commit
-    and exit 143 or 75 (4 for the lease); otherwise wait for it before evaluating."""
+    and exit 143 or 75 (4 for the lease); otherwise wait for it before evaluating.
+
+    Under torchrun the ranks agree first whether this is a stop (a SIGTERM may have reached one
+    node only: the others stopped on its vote), then every rank waits until every node leader's
+    upload is done: a rank that left earlier would make torchrun's agent kill its node leader
+    30 s later, in the middle of the commit.
+    """
     from job.train import train
 
-    stop, lease = ctx.stop, ctx.lease
+    stop, lease, ranks = ctx.stop, ctx.lease, ctx.ranks
     try:
         train_metrics = train(trainer, resume)
-    finally:
+    except BaseException:
         if uploader is not None and (stop.requested or (lease and lease.lost.is_set())):
-            stop.checkpoint_committed(False)  # until the upload says otherwise: what a watchdog exit reports
-            committed = uploader.close(stop.time_left())
-            stop.checkpoint_committed(committed)
-            log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
-                                                            "step": trainer.state.global_step})
+            _commit_for_stop(ctx, trainer, uploader, together=False)  # a failed step: no collective can be trusted
+        raise
+    if ranks.any_of(stop.requested or bool(lease and lease.lost.is_set())):
+        if not stop.requested:
+            stop.request("a stop on another process of the run")  # the same deadline and exit code as the signal's
+        _commit_for_stop(ctx, trainer, uploader, together=ranks.world_size > 1)
     ctx.check_stop()
     if uploader is not None:
         stop.checkpoint_committed(False)
@@ -203,6 +220,18 @@ def _train_and_commit(ctx: RunContext, trainer, uploader, resume: Path | None) -
             log.warning("last checkpoint not committed; publishing anyway", extra={"event": "checkpoint_pending",
                                                                                     "step": trainer.state.global_step})
     return train_metrics
+
+
+def _commit_for_stop(ctx: RunContext, trainer, uploader, together: bool) -> None:
+    """Wait (within the grace period) for the stop's checkpoint; ``together``: every rank waits for all node leaders."""
+    stop = ctx.stop
+    stop.checkpoint_committed(False)  # until the upload says otherwise: what a watchdog exit reports
+    committed = uploader.close(stop.time_left()) if uploader is not None else True
+    if together:
+        committed = ctx.ranks.all_of(committed)
+    stop.checkpoint_committed(committed)
+    log.warning("stopping after checkpoint", extra={"event": "stopped", "committed": committed,
+                                                    "step": trainer.state.global_step})
 
 
 def prepare_work_dir(settings: Settings) -> Path:

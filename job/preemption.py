@@ -52,11 +52,17 @@ class StopRequest:
         self.grace_seconds = grace_seconds
 
     def _handle(self, signum, _frame) -> None:
-        if os.getpid() != self._pid or self.event.is_set():
-            return  # a forked worker's copy, or a signal that beat SIG_IGN: the first one's deadline holds
+        if os.getpid() != self._pid:
+            return  # a forked worker's copy: the stop is the job's, not the worker's
         for later in (signal.SIGTERM, signal.SIGINT):  # dropped by the kernel from now on, shutdown included
             signal.signal(later, signal.SIG_IGN)
-        self.signal_name = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
+
+    def request(self, cause: str) -> None:
+        """A stop from ``cause`` (a signal's name, or another process's stop under torchrun), with its own deadline."""
+        if self.event.is_set():
+            return  # a signal that beat SIG_IGN, or a second cause: the first one's deadline holds
+        self.signal_name = cause
         self.deadline = time.monotonic() + self.grace_seconds
         self.event.set()
         if logging.getLogger().handlers:  # before logging is set up, the failed line will say it all

@@ -125,16 +125,17 @@ def _binding(settings, inputs: dict) -> dict:
     return {"fingerprint": digest(inputs), "run_uri": settings.run_uri}
 
 
-def publish_staged(settings, store: Storage, inputs: dict, is_writer: bool, stop) -> bool:
-    """Publish results staged by an earlier attempt of this very run; False when there are none.
+def staged_results(settings, inputs: dict) -> Path | None:
+    """The results an earlier attempt of this very run staged in this work dir, or None.
 
     Staged results count only for the inputs and the destination they were produced for: a run
     folder deleted and rerun with another learning rate, other data or another QA_OUTPUT_URI
-    trains afresh, and the stale staging is removed.
+    trains afresh, and the stale staging is removed. Under torchrun only rank 0 stages, so only
+    rank 0 asks (``job.ranks.Ranks.from_rank0``): another node's work dir never holds them.
     """
     root = staging_dir(settings)
     if not (root / STAGED).is_file():
-        return False
+        return None
     try:
         binding = json.loads((root / BINDING).read_text())
     except (OSError, ValueError):
@@ -142,11 +143,14 @@ def publish_staged(settings, store: Storage, inputs: dict, is_writer: bool, stop
     if binding != _binding(settings, inputs):
         log.warning("discarding results staged for another run", extra={"event": "staged_discarded", "path": str(root)})
         shutil.rmtree(root, ignore_errors=True)
-        return False
-    if is_writer:
-        log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
-        publish(root, store, stop)
-    return True
+        return None
+    return root
+
+
+def publish_staged(root: Path, store: Storage, stop) -> None:
+    """Publish what ``staged_results`` found: an earlier attempt trained and evaluated; only its upload failed."""
+    log.info("publishing results staged by an earlier attempt", extra={"event": "publish_staged"})
+    publish(root, store, stop)
 
 
 def publish(root: Path, store: Storage, stop=None) -> None:

@@ -64,10 +64,11 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def probe_machine() -> Machine:
+def probe_machine(cuda: bool | None = None) -> Machine:
+    """This machine; ``cuda`` is the device the run uses (``job.device``), default: whether CUDA is usable."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     # compute capabilities are NVIDIA's; a ROCm build reports its own numbers, and TF32 is a CUDA switch
     capability = torch.cuda.get_device_capability(0) if cuda and torch.version.cuda else (0, 0)
     try:
@@ -147,6 +148,82 @@ def pad_to_multiple_of(cuda: bool, compiled: bool) -> int | None:
     cost, so none.
     """
     return CUDA_PAD_MULTIPLE if cuda or compiled else None
+
+
+def set_matmul_precision(tf32: bool) -> None:
+    """TF32 on or off for fp32 matmuls, through the one API every reader agrees with.
+
+    transformers turns TF32 on through torch's new generic ``torch.backends.fp32_precision``
+    (whenever it compiles in bf16, even with ``tf32=False``), accelerate through the legacy
+    ``allow_tf32`` flag, and torch >= 2.9 raises on a legacy read once the two disagree; Inductor
+    (2.10, 2.11) reads the legacy flag when it lowers a ``bmm``, so a compiled model with eager
+    attention crashed at its first step on Ampere and later GPUs. Called once the Trainer exists:
+    the generic flag goes back to "none" (each backend its own) and
+    ``torch.set_float32_matmul_precision`` sets the legacy and the new flag together.
+    """
+    import torch
+
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.fp32_precision = "none"
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+
+
+class CompileFallback(logging.Filter):
+    """A model that fails to compile runs eager, with one ``speed_fallback`` line instead of a crash.
+
+    ``guard_compile`` makes torch.compile fall back to eager for a frame it cannot compile
+    (``torch._dynamo.config.suppress_errors``) and compile the backward with the forward, so a
+    backward that fails to compile is caught there too, not at the first ``loss.backward()``.
+    Dynamo reports each suppressed error as a warning with a traceback on its own logger; this
+    filter turns the first into the ``speed_fallback`` line and drops the rest.
+    """
+
+    LOGGER = "torch._dynamo.convert_frame"
+
+    def __init__(self):
+        super().__init__()
+        self.reported = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        if not self.reported:
+            self.reported = True
+            error = _innermost(record.exc_info[1]) if record.exc_info else None
+            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}" \
+                if error else record.getMessage().splitlines()[0]
+            log.warning(f"QA_COMPILE: torch.compile failed ({reason[:300]}); running eager",
+                        extra={"event": "speed_fallback", "setting": "QA_COMPILE"})
+        return False
+
+
+def _innermost(error: BaseException) -> BaseException:
+    """The error a compiler wrapper (BackendCompilerFailed, InductorError) carries: the one that says why."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = getattr(error, "inner_exception", None) or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def guard_compile() -> CompileFallback:
+    """Install the eager fallback for torch.compile errors (once per process); see ``CompileFallback``."""
+    import torch._dynamo
+    import torch._functorch.config
+
+    torch._dynamo.config.suppress_errors = True
+    if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering"):
+        torch._functorch.config.force_non_lazy_backward_lowering = True
+    logger = logging.getLogger(CompileFallback.LOGGER)
+    for existing in logger.filters:
+        if isinstance(existing, CompileFallback):
+            return existing
+    fallback = CompileFallback()
+    logger.addFilter(fallback)
+    return fallback
 
 
 def log_recipe(recipe: Recipe) -> None:

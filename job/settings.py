@@ -80,6 +80,7 @@ class Settings(BaseSettings):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     seed: int = Field(42, ge=0, le=2**32 - 1)  # numpy's seed range: a larger one fails deep in set_seed
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="cuda: a GPU is required (exit 2 without one); auto: CUDA when usable")
     group_by_length: bool = True
     logging_steps: PositiveInt = 50
 
@@ -101,8 +102,9 @@ class Settings(BaseSettings):
     preprocess_workers: PositiveInt | None = Field(None, le=64, description="tokenizing processes; unset = usable CPUs, at most 8")
 
     # checkpoints, preemption and the run lease
-    checkpoint_steps: int = Field(500, ge=0, description="0 = no step-based checkpoints")
-    checkpoint_minutes: float = Field(30.0, ge=0, description="0 = no time-based checkpoints")
+    # "auto": every 500 steps or 30 minutes on CPU, every 10 minutes on CUDA (job/store/checkpoints.py)
+    checkpoint_steps: int | Literal["auto"] = Field("auto", description="0 = no step-based checkpoints")
+    checkpoint_minutes: float | Literal["auto"] = Field("auto", description="0 = no time-based checkpoints")
     checkpoints_to_keep: PositiveInt = 2
     stop_grace_seconds: float = Field(120.0, gt=0)
     lease_seconds: float = Field(60.0, ge=5)
@@ -142,6 +144,20 @@ class Settings(BaseSettings):
         if not 0 <= n <= 64:
             raise ValueError("must be auto or a number of processes from 0 to 64")
         return n
+
+    @field_validator("checkpoint_steps", "checkpoint_minutes", mode="before")
+    @classmethod
+    def _auto_or_cadence(cls, v, info):
+        if v == "auto":
+            return v
+        try:
+            n = float(v)
+        except (TypeError, ValueError):
+            n = -1.0
+        if not (0 <= n < float("inf")) or (info.field_name == "checkpoint_steps" and n != int(n)):
+            kind = "a whole number of steps" if info.field_name == "checkpoint_steps" else "a number of minutes"
+            raise ValueError(f"must be auto or {kind}, 0 or more (0 = off)")
+        return int(n) if info.field_name == "checkpoint_steps" else n
 
     @field_validator("run_id")
     @classmethod

@@ -11,10 +11,12 @@ from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataColl
                           TrainerCallback, TrainingArguments, set_seed)
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from job.device import uses_cuda
 from job.errors import ConfigError, StorageUnavailable
 from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
-from job.recipe import Recipe, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe
+from job.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
+                        set_matmul_precision)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,27 @@ def resolve_precision(setting: str, cuda: bool, bf16_supported: bool) -> str:
     if setting == "bf16" and cuda and not bf16_supported:
         raise ConfigError("QA_PRECISION=bf16: this GPU does not support bf16; use auto or fp16")
     return setting
+
+
+def precision_for(settings) -> str:
+    """``QA_PRECISION`` resolved for the device this run uses."""
+    cuda = uses_cuda(settings)
+    return resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+class Fp32Head(torch.nn.Linear):
+    """The QA head computed in fp32 even under autocast: start/end logits keep fp32 resolution.
+
+    Under bf16 autocast the head's matmul would round every logit to 8 bits of mantissa, so two
+    spans tie that fp32 tells apart, and a GPU night's answers would not be comparable with the
+    holder's. The encoder stays in the autocast dtype; the head is 2 x hidden multiply-adds per
+    token. Same parameters and state dict as the ``nn.Linear`` it replaces (only the class changes).
+    """
+
+    def forward(self, hidden):
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = self.bias.float() if self.bias is not None else None
+            return torch.nn.functional.linear(hidden.float(), self.weight.float(), bias)
 
 
 def load_model(model_name: str, seed: int, attention: str = "sdpa"):
@@ -46,8 +69,10 @@ def load_model(model_name: str, seed: int, attention: str = "sdpa"):
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         # transformers picks SDPA by default where the model supports it and eager otherwise, quietly;
         # asking for "sdpa" explicitly would raise on models without it instead of falling back
+        # dtype: fp32 master weights whatever the checkpoint was saved in (transformers 5 keeps the
+        # saved dtype: an fp16 one breaks the fp16 loss scaler, a bf16 one barely trains)
         model = AutoModelForQuestionAnswering.from_pretrained(
-            model_name, attn_implementation="eager" if attention == "eager" else None)
+            model_name, attn_implementation="eager" if attention == "eager" else None, dtype=torch.float32)
     except OSError as exc:
         first = str(exc).splitlines()[0][:200]
         if Path(model_name).expanduser().is_dir() or "offline" not in first.lower() and "connect" not in first.lower():
@@ -55,6 +80,8 @@ def load_model(model_name: str, seed: int, attention: str = "sdpa"):
         raise StorageUnavailable(f"QA_MODEL_NAME={model_name}: hub unreachable ({first})") from None
     if not tokenizer.is_fast:
         raise ConfigError(f"QA_MODEL_NAME={model_name}: needs a fast tokenizer (character offsets)")
+    if type(getattr(model, "qa_outputs", None)) is torch.nn.Linear:  # BERT, DistilBERT, RoBERTa, ... heads
+        model.qa_outputs.__class__ = Fp32Head
     used = getattr(model.config, "_attn_implementation", None)
     if attention == "sdpa" and used != "sdpa":
         log.info(f"QA_ATTENTION=sdpa: {type(model).__name__} has no SDPA attention; using {used}",
@@ -96,9 +123,9 @@ class ProgressLog(TrainerCallback):
 
 def training_arguments(settings, output_dir: Path, precision: str, recipe: Recipe | None = None) -> TrainingArguments:
     """The Trainer's arguments; ``recipe`` defaults to this machine's (logged, with its fallbacks)."""
-    cuda = torch.cuda.is_available()
+    cuda = uses_cuda(settings)
     if recipe is None:
-        recipe = resolve_recipe(settings, probe_machine())
+        recipe = resolve_recipe(settings, probe_machine(cuda))
         log_recipe(recipe)
     if precision == "bf16" and not cuda and not cpu_has_bf16():
         log.warning("QA_PRECISION=bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); it runs emulated, "
@@ -125,6 +152,8 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         torch_compile=recipe.compile,
         dataloader_num_workers=recipe.dataloader_workers,
         dataloader_pin_memory=recipe.pin_memory,
+        # pinned batches are copied to the GPU without waiting for the copy (the point of pinning)
+        accelerator_config={"non_blocking": recipe.pin_memory},
         # workers forked once for the whole run instead of once per epoch
         dataloader_persistent_workers=recipe.dataloader_workers > 0,
         logging_strategy="steps",
@@ -142,11 +171,13 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
 
 def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArguments, callbacks) -> Trainer:
     # pad each batch to its own longest window (bucketed on CUDA and when compiled), never to 384
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of(torch.cuda.is_available(), args.torch_compile))
+    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of(not args.use_cpu, args.torch_compile))
     if args.torch_compile:
+        guard_compile()  # a model that does not compile trains eager, with one speed_fallback line
         callbacks = [*callbacks, CompileStats()]
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks)
+    set_matmul_precision(bool(args.tf32))  # after the Trainer: transformers and accelerate each set TF32 their way
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog replaces it
     if args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

@@ -133,6 +133,33 @@ def test_image_runs_read_only_as_uid_10001():
     assert config["Entrypoint"] == ["python", "-m", "job"]
 
 
+def test_torch_compile_works_in_the_image():
+    """The runtime image has the compilers and Python headers torch.compile needs (the C compiler and
+    Python.h that Triton's CUDA launcher builds with; Inductor's CPU kernels, compiled here, need the
+    C++ one): the recipe keeps compile on, and Inductor compiles and runs a graph, read-only, as uid 10001,
+    its kernels in /scratch/cache (Docker mounts a tmpfs /tmp noexec: a shared object there cannot load)."""
+    script = """
+import torch, torch._dynamo
+from job.recipe import probe_machine, resolve_recipe
+from job.settings import load_settings
+machine = probe_machine(cuda=False)
+recipe = resolve_recipe(load_settings({"QA_COMPILE": "true"}), machine)
+assert recipe.compile and not [f for f in recipe.fallbacks if f.startswith("QA_COMPILE")], (machine, recipe)
+def attend(q, k, v):
+    return torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), -1), v).relu()
+q, k, v = (torch.randn(2, 8, 16) for _ in range(3))
+compiled = torch.compile(attend, backend="inductor", fullgraph=True)
+assert torch.allclose(compiled(q, k, v), attend(q, k, v), atol=1e-5)
+print("compiled", torch._dynamo.utils.counters["stats"]["unique_graphs"], machine.cxx_compiler, machine.python_headers)
+"""
+    out = docker("run", "--rm", "--network", "none", "--read-only", "--user", f"{UID}:{UID}", "--tmpfs", "/tmp",
+                 "--tmpfs", f"/scratch:exec,uid={UID},gid={UID}", "--entrypoint", "python", IMAGE, "-c", script,
+                 timeout=300, check=False)
+    assert out.stdout.split() == ["compiled", "1", "True", "True"], out.stdout + out.stderr[-3000:]
+    config = json.loads(docker("image", "inspect", IMAGE).stdout)[0]["Config"]
+    assert "QA_DEVICE=cpu" in config["Env"]  # .ci/container-check builds a CPU image (DEVICE=cpu); the default is cuda
+
+
 def test_job_trains_and_publishes_to_s3(s3_bucket, assets, containers):
     from job.publish import COMPLETE
 

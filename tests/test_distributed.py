@@ -1,4 +1,9 @@
-"""Two processes under torchrun (gloo, CPU) through job.launch: train, publish once, resume, stop."""
+"""Two processes under torchrun (gloo, CPU) through job.launch: train, publish once, resume, stop.
+
+Also the paths where one process sees something the others do not, which must never leave a rank
+waiting in a collective for one that went elsewhere: a channel night re-scoring its holder on
+rank 0 alone, node 0's staged results on a rerun, a SIGTERM that reaches one node only.
+"""
 import json
 import signal
 import uuid
@@ -48,6 +53,8 @@ def uninterrupted(bucket, tmp_path_factory, tiny_model):
 
 def test_both_ranks_train_only_rank_0_writes(uninterrupted, bucket):
     assert {e["rank"] for e in uninterrupted.event("train_start")} == {0, 1}
+    # the node's first process tokenizes; the other reads its cache instead of tokenizing side by side
+    assert {(e["rank"], e["cache"]) for e in uninterrupted.event("features")} == {(0, "miss"), (1, "local")}
     writes = uninterrupted.event("checkpoint_committed") + uninterrupted.event("published") + uninterrupted.event("lease")
     assert writes and {e["rank"] for e in writes} == {0}
     name, server = bucket
@@ -91,7 +98,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_nodes(env, tmp, label, spec=None):
+def two_nodes(env, tmp, label, spec=None, timeout=300):
     """Two torchrun "nodes" on this machine: two launches, one process each, each with its own work dir."""
     port = free_port()
     jobs = []
@@ -100,7 +107,7 @@ def two_nodes(env, tmp, label, spec=None):
         if spec:
             args += ("--entry", "tests.support.killer", spec)
         jobs.append(RunningJob({**env, "QA_WORK_DIR": str(tmp / f"{label}-node{node}")}, module="job.launch", args=args))
-    return [job.finish(timeout=300) for job in jobs]
+    return [job.finish(timeout=timeout) for job in jobs]
 
 
 @pytest.fixture(scope="module")
@@ -127,4 +134,64 @@ def test_two_nodes_killed_resume_exactly(two_node_reference, bucket, tmp_path, t
     assert [r.returncode for r in rerun] == [0, 0], [r.stderr[-2000:] for r in rerun]
     assert {e["resume_step"] for r in rerun for e in r.event("setup")} == {max(at_kill)}
     a = weights(bucket, "two-nodes")
+    assert all(torch.equal(a[k], two_node_reference[k]) for k in a)
+
+
+def test_channel_night_rescoring_its_holder_under_torchrun_is_gated_in_normal_time(uninterrupted, bucket, tmp_path,
+                                                                                      tiny_model, monkeypatch):
+    """Only rank 0 promotes, after rank 1 has exited: re-scoring the holder must need no collective."""
+    from job.channel import main as channel
+
+    name, server = bucket
+    for key, value in s3_env(server).items():
+        monkeypatch.setenv(key, value)
+    assert channel(["promote", "--output", f"s3://{name}/runs", "--channel", "dist", "--run", "dist-ref"]) == 0
+    # another eval set than the holder's: its published predictions do not pair with tonight's, it is re-scored
+    env = env_for(bucket, tmp_path, tiny_model, "dist-night", QA_CHANNEL="dist", QA_MAX_EVAL_SAMPLES="12",
+                  QA_MAX_STEPS="4", QA_GATE_MAX_DROP="100")
+    result = RunningJob(env, module="job.launch", args=LAUNCH).finish(timeout=150)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (rescored,) = result.event("holder_rescored")
+    assert rescored["rank"] == 0 and rescored["holder"] == "dist-ref" and rescored["examples"] == 12
+    (promotion,) = result.event("promotion")
+    recorded = json.loads(server.client().get_object(Bucket=name, Key="runs/dist-night/promotion.json")["Body"].read())
+    assert recorded["decision"] == promotion["decision"] == "promote"
+    assert recorded["holder"]["scored_from"] == "re-scored on this run's eval set"
+
+
+def test_one_node_stopped_then_node_0_lost_at_completion_resumes_and_publishes_exactly(two_node_reference, bucket,
+                                                                                       tmp_path, tiny_model):
+    """A SIGTERM that reaches one node only, then a rerun whose results are staged on node 0 only.
+
+    1. The node that got no signal stops on the vote and waits for the commit like the other:
+       the stop checkpoint is committed and both exit 143.
+    2. The rerun resumes from it; rank 0 dies as it marks the run complete, its results staged.
+    3. The next rerun: node 0 decides to publish what it staged, node 1 (nothing staged) follows
+       instead of training and waiting for a rank that is not coming. The model is the reference's.
+    """
+    env = env_for(bucket, tmp_path, tiny_model, "two-nodes-term", QA_CHECKPOINT_STEPS="100")
+    port = free_port()
+    jobs = []
+    for node in (0, 1):
+        args = ("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", "--entry", "tests.support.killer", "slow:train_step=0.4")
+        jobs.append(RunningJob({**env, "QA_WORK_DIR": str(tmp_path / f"term-node{node}")}, module="job.launch", args=args))
+    jobs[1].wait_for("progress", where=lambda e: e["step"] >= 3)
+    jobs[1].proc.send_signal(signal.SIGTERM)
+    stopped = [job.finish(timeout=120) for job in jobs]
+    assert [r.returncode for r in stopped] == [143, 143], [r.stderr[-2000:] for r in stopped]
+    assert {e["committed"] for r in stopped for e in r.event("stopped")} == {True}
+    (step,) = committed(bucket, "two-nodes-term")
+    assert 3 <= step < 8
+
+    resumed = two_nodes(env, tmp_path, "staged", "kill:put_bytes:COMPLETE@1")
+    assert {e["resume_step"] for r in resumed for e in r.event("setup")} == {step}
+    assert resumed[0].event("fault_injected") and resumed[0].returncode != 0
+    assert (tmp_path / "staged-node0" / "two-nodes-term" / "publish" / ".staged").is_file()
+    assert not (tmp_path / "staged-node1" / "two-nodes-term" / "publish").exists()
+
+    rerun = two_nodes(env, tmp_path, "staged", timeout=120)
+    assert [r.returncode for r in rerun] == [0, 0], [r.stderr[-2000:] for r in rerun]
+    assert rerun[0].event("publish_staged") and not any(r.event("train_start") for r in rerun)
+    a = weights(bucket, "two-nodes-term")
     assert all(torch.equal(a[k], two_node_reference[k]) for k in a)

@@ -109,3 +109,36 @@ def test_window_offsets_are_the_offset_mapping(setup):
     subset = features.select([5, 0, 3])  # an indices mapping: the Arrow path must honour it
     for got, expected in zip(window_offsets(subset), subset["offset_mapping"]):
         assert got.tolist() == expected
+
+
+def test_a_model_scored_without_a_trainer_answers_as_the_trainer_does(setup, dev_rows):
+    """The holder's re-scoring path (no Trainer, no collective) decodes the same answers from the same model."""
+    from job.evaluate import evaluate_model
+
+    settings, trainer, features = setup
+    scores, answers = evaluate(trainer, features, dev_rows, settings)
+    plain_scores, plain_answers = evaluate_model(trainer.model, trainer.processing_class, features, dev_rows, settings)
+    assert plain_answers == answers and plain_scores == scores
+
+
+def bf16_rounded(values) -> bool:
+    import torch
+
+    x = torch.as_tensor(np.asarray(values, dtype=np.float32))
+    return bool((x.to(torch.bfloat16).float() == x).all())
+
+
+def test_logits_keep_fp32_resolution_under_bf16(setup, tmp_path):
+    """A GPU night runs the encoder in bf16; the QA head stays fp32, so near-tied spans are told apart as in fp32."""
+    from job.train import build_trainer, training_arguments
+
+    settings, trainer, features = setup
+    bf16 = build_trainer(settings, trainer.model, trainer.processing_class, None,
+                         training_arguments(settings, tmp_path / "bf16", "bf16"), [])
+    inputs = features.remove_columns(["example_index", "offset_mapping"]).select(range(8))
+    start, end = bf16.predict(inputs).predictions[:2]
+    assert not bf16_rounded(start[:, :16]) and not bf16_rounded(end[:, :16])
+    from job.evaluate import predict_logits  # the holder's path (no Trainer)
+
+    start, end = predict_logits(trainer.model, trainer.processing_class, features.select(range(8)), 8, "cpu", "bf16")
+    assert not bf16_rounded(start[:, :16]) and not bf16_rounded(end[:, :16])

@@ -158,6 +158,10 @@ def _unknown_setting_in_configmap(docs):
     _configmap(docs)["QA_EPOCH"] = "3"
 
 
+def _device_auto_on_a_gpu_pod(docs):
+    _configmap(docs)["QA_DEVICE"] = "auto"
+
+
 def _unknown_setting_in_env(docs):
     _set_env(_main(docs, "Job")[2], "QA_LEARNING_RATES", "1e-4")
 
@@ -285,6 +289,7 @@ BREAKAGES = [
     (check_writable_paths, "base", _shm_on_disk, "/dev/shm is not a sized memory emptyDir"),
     (check_resources, "base", _no_cpu_limit, "no cpu in resources.limits"),
     (check_resources, "overlays/multi-gpu", _more_gpus_than_ranks, "8 GPUs but torchrun --nproc_per_node=4"),
+    (check_resources, "overlays/nightly", _device_auto_on_a_gpu_pod, "QA_DEVICE=auto on a GPU pod"),
     (check_references, "overlays/multi-node", _unhashed_configmap_name, "refers to ConfigMap 'qa-finetune-settings'"),
     (check_settings_load, "overlays/multi-node", _unhashed_configmap_name, "ConfigMap 'qa-finetune-settings' is not rendered"),
     (check_pytorchjobs, "overlays/multi-node", _pytorchjob_field_typo, "elasticPolicy.nProcPerNod: unknown field"),

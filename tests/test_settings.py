@@ -114,3 +114,27 @@ def test_channel_settings_defaults_and_values():
     assert (s.channel, s.init_from, s.gate_max_drop, s.gate_metric, s.skip_unchanged, s.keep_runs) == (
         "production", "channel", 0.5, "f1", True, 7)
     assert load_settings({"QA_CHANNEL": ""}).channel is None  # unset: no promotion
+
+
+@pytest.mark.parametrize("env, cuda, expected", [
+    ({}, False, (500, 30.0)),  # CPU: a step is a second or more
+    ({}, True, (0, 10.0)),  # CUDA: 500 steps are seconds; time only (job/store/checkpoints.py says why)
+    ({"QA_CHECKPOINT_STEPS": "200"}, True, (200, 10.0)),  # what is set is kept
+    ({"QA_CHECKPOINT_MINUTES": "0", "QA_CHECKPOINT_STEPS": "0"}, True, (0, 0.0)),
+    ({"QA_CHECKPOINT_MINUTES": "2.5"}, False, (500, 2.5)),
+])
+def test_checkpoint_cadence_auto_is_per_device(env, cuda, expected):
+    from job.store.checkpoints import cadence
+
+    assert cadence(load_settings(env), cuda) == expected
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"QA_CHECKPOINT_STEPS": "1.5"}, "QA_CHECKPOINT_STEPS: must be auto or a whole number of steps"),
+    ({"QA_CHECKPOINT_STEPS": "-1"}, "QA_CHECKPOINT_STEPS"),
+    ({"QA_CHECKPOINT_MINUTES": "often"}, "QA_CHECKPOINT_MINUTES: must be auto or a number of minutes"),
+    ({"QA_CHECKPOINT_MINUTES": "inf"}, "QA_CHECKPOINT_MINUTES"),
+    ({"QA_DEVICE": "gpu"}, "QA_DEVICE"),
+])
+def test_bad_device_and_cadence_name_the_variable(env, needle):
+    assert needle in problems(env)

@@ -86,3 +86,27 @@ def test_explicit_recipe_is_used_as_given(tmp_path):
     forced = resolve_recipe(load_settings({"QA_FUSED_ADAMW": "false", "QA_DATALOADER_WORKERS": "1"}), Machine(cpus=2))
     args = training_arguments(settings, tmp_path / "t", "fp32", recipe=forced)
     assert (args.optim, args.dataloader_num_workers, args.dataloader_persistent_workers) == ("adamw_torch", 1, True)
+
+
+@pytest.mark.parametrize("saved", ["float16", "bfloat16"])
+def test_a_half_precision_checkpoint_trains_from_fp32_master_weights(tmp_path, tiny_model, saved):
+    """transformers 5 loads the saved dtype: an fp16 base model would break the fp16 loss scaler, a bf16 one barely trains."""
+    import torch
+    from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+    half = tmp_path / saved
+    AutoModelForQuestionAnswering.from_pretrained(str(tiny_model)).to(getattr(torch, saved)).save_pretrained(str(half))
+    AutoTokenizer.from_pretrained(str(tiny_model)).save_pretrained(str(half))
+    _, model = load_model(str(half), seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_pinned_batches_are_copied_without_waiting(tmp_path):
+    """QA_PIN_MEMORY's point: the host-to-GPU copy of a pinned batch does not block the training loop."""
+    settings = load_settings({"QA_WORK_DIR": str(tmp_path)})
+    cuda = resolve_recipe(settings, Machine(cuda=True, capability=(7, 5), cpus=8))  # a T4: no TF32 to set here
+    args = training_arguments(settings, tmp_path / "t", "fp32", recipe=cuda)
+    assert args.dataloader_pin_memory is False  # this machine has no GPU: the Trainer drops the pinning itself
+    assert args.accelerator_config.non_blocking is True
+    cpu = resolve_recipe(settings, Machine(cpus=2))
+    assert training_arguments(settings, tmp_path / "c", "fp32", recipe=cpu).accelerator_config.non_blocking is False

@@ -1,8 +1,10 @@
 """The channel holder's model: fetched for a warm start, and re-scored when the gate needs it.
 
-Re-scoring runs the job's own evaluation (``job.evaluate.evaluate``: the same windows, sequential
-prediction order and n-best decoding as the candidate's), so candidate and holder differ only in
-their weights.
+Re-scoring runs the job's own evaluation (``job.evaluate.evaluate_model``: the same windows,
+prediction order, precision, fp32 QA head and n-best decoding as the candidate's), so candidate and
+holder differ only in their weights. It builds no Trainer and calls no collective: under torchrun
+only rank 0 promotes, after the other ranks have exited, and a Trainer built there would wait for
+them in its first collective until the process group timed out.
 """
 from __future__ import annotations
 
@@ -25,22 +27,20 @@ def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
     return fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=f"the model of run {run_id} ({uri})")
 
 
-def predictions(settings, run_id: str, rows: list[dict], stop=None) -> dict[str, str]:
+def predictions(settings, run_id: str, rows: list[dict], stop=None, local_rank: int = 0) -> dict[str, str]:
     """``{id: answer}`` of run ``run_id``'s published model on ``rows``, decoded as evaluation decodes."""
-    import torch
-
-    from job.evaluate import evaluate
+    from job.device import uses_cuda
+    from job.evaluate import evaluate_model
     from job.preprocess import feature_dataset, preprocess_workers
-    from job.train import build_trainer, load_model, resolve_precision, training_arguments
+    from job.train import load_model, precision_for
 
     work = Path(settings.work_dir) / settings.run_id / "holder" / run_id
     model_dir = fetch_run_model(settings, run_id, work / "model")
     tokenizer, model = load_model(str(model_dir), settings.seed, settings.attention)  # as the candidate was scored
     features = feature_dataset("eval", tokenizer, rows, settings.max_length, settings.doc_stride, preprocess_workers(settings))
-    cuda = torch.cuda.is_available()
-    precision = resolve_precision(settings.precision, cuda, cuda and torch.cuda.is_bf16_supported(including_emulation=False))
-    trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, work / "trainer", precision), [])
-    scores, out = evaluate(trainer, features, rows, settings, stop=stop)
+    device = f"cuda:{local_rank}" if uses_cuda(settings) else "cpu"
+    scores, out = evaluate_model(model, tokenizer, features, rows, settings, device=device,
+                                 precision=precision_for(settings), stop=stop)
     log.info("holder re-scored on this run's eval set", extra={"event": "holder_rescored", "holder": run_id,
                                                                 "examples": len(out), "f1": round(scores["f1"], 3)})
     return out

@@ -136,7 +136,7 @@ def _holder_scores(ctx, channel, holder: dict, candidate: dict, rows: list[dict]
                                                                                   "reason": str(exc)[:200]})
     from job.channels.holder import predictions
 
-    rescored = predictions(settings, holder["run_id"], rows, stop=ctx.stop)
+    rescored = predictions(settings, holder["run_id"], rows, stop=ctx.stop, local_rank=ctx.ranks.local_rank)
     return per_example_scores(rows, rescored, settings.squad_v2), "re-scored on this run's eval set"
 
 

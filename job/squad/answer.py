@@ -19,10 +19,12 @@ WINDOWS_PER_BATCH = 32  # a long context becomes many windows: bound the memory 
 class QuestionAnswerer:
     def __init__(self, model_dir: str | Path, max_length: int = 384, doc_stride: int = 128, n_best: int = 20,
                  max_answer_length: int = 30, version_2: bool = False, null_threshold: float = 0.0):
+        import torch
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir)).eval()
+        # fp32 whatever the saved dtype, as evaluation scores it (job.train.load_model)
+        self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).eval()
         self.max_length, self.doc_stride = max_length, doc_stride
         self.options = dict(n_best=n_best, max_answer_length=max_answer_length, version_2=version_2, null_threshold=null_threshold)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from job.errors import StorageUnavailable
+from job.ranks import StepVote
 from job.store.locations import UnsafeName, check_name, confine
 from job.store.models import MODEL_FILE_SUFFIXES
 from job.store.storage import NotFound, Storage, sha256_file
@@ -37,8 +38,25 @@ _NAME = re.compile(r"checkpoint-(\d+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PART_WAIT_SECONDS = 300.0  # how long rank 0 waits for the other nodes' parts of one checkpoint
 _STATE = ("trainer_state.json", "training_args.bin")  # training state among the model-looking files
+# QA_CHECKPOINT_STEPS / QA_CHECKPOINT_MINUTES "auto". On CPU a step takes a second or more: every
+# 500 steps or 30 minutes. On CUDA 500 steps are seconds (a 2-epoch DistilBERT run is ~15,000
+# steps of a few ms to tens of ms), so the cadence is time only. Measured (bench/RESULTS.md): a
+# save stalls training for the local write (0.7-0.9 s for MiniLM's 272 MB, 2.8 s with an upload
+# competing; DistilBERT's ~0.8 GB scales to 2-8 s on such a disk); the upload runs beside training.
+# Every 10 minutes keeps that stall at about 1% of the time even on a slow scratch disk, and
+# bounds what a hard kill (node loss, OOM) can lose to 10 minutes; SIGTERM preemptions lose
+# nothing (the stop's own checkpoint).
+CPU_CADENCE = (500, 30.0)
+CUDA_CADENCE = (0, 10.0)
 
 __all__ = ["Uploader", "CheckpointCallback", "CheckpointSync", "committed_steps", "fetch_model_files", "restore", "read_marker"]
+
+
+def cadence(settings, cuda: bool) -> tuple[int, float]:
+    """``(every_steps, every_minutes)``: the settings, with "auto" resolved for the device."""
+    steps, minutes = CUDA_CADENCE if cuda else CPU_CADENCE
+    return (steps if settings.checkpoint_steps == "auto" else settings.checkpoint_steps,
+            minutes if settings.checkpoint_minutes == "auto" else settings.checkpoint_minutes)
 
 
 def remote_dir(step: int) -> str:
@@ -111,6 +129,7 @@ class CheckpointSync:
         if self.node != 0:  # this node's share is in storage; rank 0 commits the whole
             self.store.put_bytes(f"{base}{NODES}{self.node}.json", json.dumps({"step": step, "files": files}).encode())
             log.info("checkpoint part uploaded", extra={"event": "checkpoint_part", "step": step, "node": self.node})
+            prune_local(folder.parent, below=step)  # older parts are committed or superseded: never needed here again
             return
         files = {**files, **self._other_nodes(step, files)}
         marker = {"step": step, "world_size": self.world_size, "files": files, "committed_at": time.time()}
@@ -168,34 +187,47 @@ def prune_local(local_root: Path, below: int | None = None, keep: Path | None = 
 
 
 class CheckpointCallback(TrainerCallback):
-    """Decides when to checkpoint (steps, minutes, stop request, last step) and hands saves to the uploader."""
+    """Decides when to checkpoint (steps, minutes, stop request, last step) and hands saves to the uploader.
+
+    Under several processes every rank must save and stop at the same step, or DDP deadlocks: the
+    stop, lost-lease and time flags are voted (``StepVote``), one step late, without a host sync.
+    """
 
     def __init__(self, every_steps: int, every_minutes: float, stop, uploader: Uploader | None, lease=None):
         self.every_steps, self.every_seconds = every_steps, every_minutes * 60
         self.stop, self.uploader, self.lease = stop, uploader, lease
         self._last = time.monotonic()
+        self._vote: StepVote | None = None
+        self._save_started: float | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = time.monotonic()
+        if args.world_size > 1 and self._vote is None:
+            self._vote = StepVote()
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         lost = self.lease is not None and self.lease.lost.is_set()
         stopping = self.stop.requested or lost
         timely = bool(self.every_seconds) and time.monotonic() - self._last >= self.every_seconds
-        if args.world_size > 1:
-            stopping, timely, lost = _agree(args.device, stopping, timely, lost)
+        if self._vote is not None:
+            stopping, timely, lost = self._vote.exchange(stopping, timely, lost)
         if lost:  # another process owns the run now: save nothing, stop at once
             control.should_training_stop = True
             return control
         if stopping or timely or step >= state.max_steps or (self.every_steps and step % self.every_steps == 0):
             control.should_save = True
+            self._save_started = time.monotonic()
         if stopping:
             control.should_training_stop = True
         return control
 
     def on_save(self, args, state, control, **kwargs):
         self._last = time.monotonic()
+        if self._save_started is not None:  # the Trainer's local write: the time training stood still for it
+            log.info("checkpoint saved", extra={"event": "checkpoint_saved", "step": state.global_step,
+                                                "seconds": round(self._last - self._save_started, 3)})
+            self._save_started = None
         if args.world_size > 1:
             import torch.distributed as dist
 
@@ -203,15 +235,10 @@ class CheckpointCallback(TrainerCallback):
         if self.uploader is not None:
             self.uploader.submit(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
-
-def _agree(device, *flags: bool) -> list[bool]:
-    """Every rank must stop and save at the same step, or DDP deadlocks: any rank's yes is everyone's."""
-    import torch
-    import torch.distributed as dist
-
-    votes = torch.tensor([int(f) for f in flags], device=device)
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in votes.tolist()]
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._vote is not None:
+            self._vote.close()
+            self._vote = None
 
 
 def fetch_model_files(store: Storage, dest: Path) -> bool:

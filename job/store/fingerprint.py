@@ -29,6 +29,9 @@ NEUTRAL_SETTINGS = frozenset({
     "dataloader_workers", "preprocess_workers", "pin_memory", "logging_steps", "log_format", "report_to",
     "checkpoint_steps", "checkpoint_minutes", "checkpoints_to_keep", "stop_grace_seconds", "lease_seconds",
     "storage_attempts", "storage_backoff_seconds", "storage_timeout_seconds",
+    # where the steps run, as QA_PRECISION=auto's choice of bf16 or fp32: a rerun on another node
+    # type resumes the same run (the device and precision used are in the manifest)
+    "device",
     # evaluation during training watches the weights without changing them (tested bit for bit)
     "eval_steps", "eval_samples_during_training",
     # promotion policy: decides what happens to a model, not what the model is

@@ -3,12 +3,19 @@
 Newer checkpoints supersede queued older ones, so an outage costs uploads, not training time.
 Transient failures are retried with backoff until ``close``'s deadline. What an upload does is
 the ``commit`` callable's business (``job.store.checkpoints.CheckpointSync``).
+
+A folder that will never be uploaded (superseded by a newer one, or failed for good) is deleted
+at once: it can never be resumed from (only committed checkpoints count), and during a storage
+outage with frequent saves such folders would otherwise fill the scratch volume. So at most
+four checkpoint folders exist locally at any moment: the newest committed one, the one being
+uploaded, one waiting, and the one the Trainer is writing.
 """
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import shutil
 import threading
 from pathlib import Path
 from typing import Callable
@@ -37,20 +44,33 @@ class Uploader:
             self._submitted += 1
             self.newest_submitted = step
             self._idle.clear()
-        self._queue.put((step, folder))
+            waiting = self._take_waiting()  # never uploaded now: this one supersedes them
+            self._finished += len(waiting)
+            self._queue.put((step, folder))
+        for _, old in waiting:
+            _discard(old)
+
+    def _take_waiting(self) -> list:
+        """Everything queued and not yet picked up (the close marker stays queued)."""
+        waiting = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return waiting
+            if item is None:
+                self._queue.put(None)
+                return waiting
+            waiting.append(item)
 
     def _latest(self, item, taken: list[int]):
         # drop queued older checkpoints: only the newest one is worth uploading
-        while True:
-            try:
-                newer = self._queue.get_nowait()
-            except queue.Empty:
-                return item
-            if newer is None:
-                self._queue.put(None)
-                return item
-            taken[0] += 1
-            item = newer
+        with self._lock:
+            newer = self._take_waiting()
+        for superseded in ([item] + newer)[:-1] if newer else []:
+            _discard(superseded[1])
+        taken[0] += len(newer)
+        return newer[-1] if newer else item
 
     def _loop(self) -> None:
         try:  # on Linux a thread is a task with its own nice value; threads it starts inherit it
@@ -88,6 +108,8 @@ class Uploader:
                 log.error("checkpoint upload error", extra={"event": "checkpoint_error", "step": item[0],
                                                            "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
                 break
+        if self.last_committed != item[0] and not self._closing.is_set():
+            _discard(item[1])  # given up on: never resumed from (a closing job's last one stays for the record)
         return item
 
     def wait(self, timeout: float) -> bool:
@@ -101,3 +123,8 @@ class Uploader:
         self._queue.put(None)
         self._thread.join(timeout=max(0.0, min(timeout, 5.0)))
         return done and self.newest_submitted in (None, self.last_committed)
+
+
+def _discard(folder: Path) -> None:
+    """Delete a local checkpoint folder that will never be uploaded."""
+    shutil.rmtree(folder, ignore_errors=True)

@@ -58,20 +58,46 @@ def test_connection_resets_during_uploads_are_survived(seaweed, fault_proxy, tmp
     assert seaweed.client().head_object(Bucket=bucket, Key="runs/test-run/COMPLETE")
 
 
+class LocalCheckpoints:
+    """Counts the local checkpoint folders many times a second, from a thread; keeps the largest count seen."""
+
+    def __init__(self, trainer_dir):
+        import threading
+
+        self.trainer_dir, self.most, self._done = trainer_dir, 0, threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _watch(self):
+        while not self._done.wait(0.02):
+            self.most = max(self.most, len(list(self.trainer_dir.glob("checkpoint-*"))))
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return self.most
+
+
 def test_server_down_for_20_seconds_mid_run(seaweed_private, tmp_path, tiny_model):
+    """Training goes on through the outage, and the checkpoints it cannot upload do not pile up on the scratch disk."""
     server = seaweed_private
     bucket = new_bucket(server)
-    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="60", QA_CHECKPOINT_STEPS="5",
+    env = job_env(tmp_path, tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="60", QA_CHECKPOINT_STEPS="2",
                   **{**FAST, **s3_env(server)})
     job = RunningJob(env, module="tests.support.killer", args=("slow:train_step=0.5",))
     job.wait_for("checkpoint_committed", timeout=120)
+    local = LocalCheckpoints(tmp_path / "work" / "test-run" / "trainer")
     server.stop()
     down_at = time.time()
     time.sleep(20)
     server.start()
     up_at = time.time()
     result = job.finish()
+    most_local = local.stop()
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    # ~20 checkpoints were saved during the outage; at most the committed one, the one in upload,
+    # one waiting and the one being written exist at once (job/store/uploader.py)
+    assert 2 <= most_local <= 4, most_local
 
     def when(event):
         return time.mktime(time.strptime(event["ts"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone

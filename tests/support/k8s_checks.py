@@ -511,7 +511,7 @@ def check_writable_paths(docs: list[dict]) -> list[str]:
 
 
 def check_resources(docs: list[dict]) -> list[str]:
-    """CPU and memory requests and limits; GPUs = torchrun processes = elastic nProcPerNode."""
+    """CPU and memory requests and limits; GPUs = torchrun processes = elastic nProcPerNode; a GPU pod says QA_DEVICE=cuda."""
     problems = []
     for doc, template in workloads(docs):
         w = where(doc)
@@ -529,6 +529,13 @@ def check_resources(docs: list[dict]) -> list[str]:
         gpus = int(res.get("limits", {}).get("nvidia.com/gpu", 0))
         if gpus < 1:
             problems.append(f"{w}: no nvidia.com/gpu limit")
+        try:
+            device = resolved_settings(docs, doc, template).device
+        except (errors.ConfigError, LookupError):
+            device = None  # check_settings_load reports it
+        if gpus and device not in (None, "cuda"):
+            problems.append(f"{w}: QA_DEVICE={device} on a GPU pod (cuda: a pod that cannot use its GPU stops, "
+                            "instead of training on the CPU)")
         nproc = torchrun_nproc(c)
         if (gpus > 1 or nproc is not None) and nproc != gpus:
             problems.append(f"{w}: {gpus} GPUs but torchrun --nproc_per_node={nproc}")
