@@ -98,13 +98,14 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
 def train_evaluate_publish(ctx: RunContext) -> bool:
     """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn."""
     settings, ranks = ctx.settings, ctx.ranks
-    train_split, eval_split = load_splits(settings, _policy(settings))
+    # a retry reads the very files its first attempt read, whatever landed under the prefix since
+    train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(ctx.store))
     night = nightly.plan(ctx, train_split, eval_split)  # with a channel: skip-if-unchanged, warm start
     if night.unchanged:
         return False
     inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init)
     if ranks.is_writer:
-        publish.claim_run_folder(ctx.store, settings, inputs)
+        publish.claim_run_folder(ctx.store, settings, inputs, {s.name: s.pin for s in (train_split, eval_split) if s.pin})
     if publish.publish_staged(settings, ctx.store, inputs, ranks.is_writer, ctx.stop):
         return True  # an earlier attempt of this very run trained and evaluated; only the upload failed
     ctx.check_stop()
@@ -137,8 +138,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings, stop=ctx.stop)
     if ranks.is_writer:
         context = {
-            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
-                              **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
+            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": s.examples,
+                              **({"files": [{"key": f.key, "sha256": f.sha256, "size": f.size} for f in s.files]}
+                                 if s.files else {})}
                      for s in (train_split, eval_split)},
             "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
             "precision": precision, "device": _device_name(cuda), "world_size": ranks.world_size,

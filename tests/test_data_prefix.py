@@ -54,7 +54,7 @@ def test_every_file_in_key_order_skipping_what_is_not_data(prefix, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="job.data"):
         split = load(uri, tmp_path, env)
     assert [r["id"] for r in split.rows] == [r["id"] for r in ROWS[:20]]
-    assert [k for k, _ in split.files] == ["2026-11-01/part-0.jsonl", "2026-11-02/part-1.jsonl"]
+    assert [f.key for f in split.files] == ["2026-11-01/part-0.jsonl", "2026-11-02/part-1.jsonl"]
     skipped = [r for r in caplog.records if getattr(r, "event", "") == "data_files_skipped"]
     assert skipped and skipped[0].files == ["2026-11-01/_SUCCESS"]
 

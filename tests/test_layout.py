@@ -18,7 +18,7 @@ PACKAGE = ROOT / "job"
 # bottom first; a node may import its own modules and anything on a lower layer, nothing else
 LAYERS = [
     ["job.errors", "job.parallel", "job.recipe", "job.rows", "job.squad"],
-    ["job.store"],
+    ["job.store", "job.formats"],
     ["job.evaluate"],
     ["job.observe"],
     ["job.settings", "job.preemption", "job.launch"],
