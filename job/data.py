@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import errno
 import hashlib
 import json
 import logging
@@ -83,6 +84,11 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
             rows.add(_hub_rows(settings, hub_split), f"{settings.dataset}[{hub_split}]")
             digest = rows.fingerprint.hexdigest()
         table = rows.finish()
+    except OSError as exc:
+        rows.abort()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):  # Arrow's errors carry no errno
+            raise StorageUnavailable(f"QA_WORK_DIR={settings.work_dir}: no space left for the {name} rows") from None
+        raise
     except BaseException:
         rows.abort()
         raise
@@ -200,18 +206,22 @@ class _SplitRows:
         self.hashes = array("q")  # hash(id) of every row: 8 bytes a row, sorted once at the end
         self.sources: list[tuple[int, str]] = []  # (first row, file) for naming a duplicate's files
         self.fingerprint, self.fingerprint_rows = None, None  # the hub's digest, over the rows kept
+        self.pending: list[dict] = []  # written CHUNK at a time, across files: a prefix of small files is not a table of tiny chunks
 
     def add(self, raw: Iterable[dict], source: str) -> None:
-        self.sources.append((self.writer.rows, source))
-        for part in _batched(validated(raw, source, self.squad_v2), CHUNK):
-            self.hashes.extend(hash(r["id"]) for r in part)
-            if self.fingerprint is not None:
-                keep = part if self.fingerprint_rows is None else part[:max(self.fingerprint_rows - self.writer.rows, 0)]
-                for row in keep:
-                    self.fingerprint.update(json.dumps(row, sort_keys=True).encode())
-            self.writer.write(part)
+        self.sources.append((len(self.hashes), source))
+        for row in validated(raw, source, self.squad_v2):
+            if self.fingerprint is not None and (self.fingerprint_rows is None or len(self.hashes) < self.fingerprint_rows):
+                self.fingerprint.update(json.dumps(row, sort_keys=True).encode())
+            self.hashes.append(hash(row["id"]))
+            self.pending.append(row)
+            if len(self.pending) == CHUNK:
+                self.writer.write(self.pending)
+                self.pending = []
 
     def finish(self):
+        self.writer.write(self.pending)
+        self.pending = []
         table = open_rows(self.writer.close())
         repeat = first_duplicate(self.hashes, lambda at: table.with_format("arrow")[at]["id"].to_pylist())
         if repeat is not None:
@@ -259,17 +269,6 @@ def validate_rows(rows: Iterable[dict], source: str, squad_v2: bool) -> list[dic
     if repeat is not None:
         raise DataError(f"{source}: row {out[repeat[1]]['id'][:80]!r}: duplicate id")
     return out
-
-
-def _batched(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    part = []
-    for row in rows:
-        part.append(row)
-        if len(part) == size:
-            yield part
-            part = []
-    if part:
-        yield part
 
 
 def _hub_rows(settings: Settings, split: str) -> Iterator[dict]:
