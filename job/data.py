@@ -43,13 +43,14 @@ class Split:
     name: str  # "train" or "eval"
     source: str  # URI or hub id, for messages and the manifest
     sha256: str  # of the file, of every file under a prefix, or of the hub rows
-    rows: object  # datasets.Dataset: the checked rows, memory-mapped (job.rows)
+    rows: object  # datasets.Dataset: the checked rows, memory-mapped (job.rows); None once released
+    examples: int
     files: tuple = ()  # under a prefix: each file read (job.store.listing.DataFile), in order
     pin: dict | None = None  # under a prefix: what run.json pins, so a retry reads exactly these files
 
-    @property
-    def examples(self) -> int:
-        return len(self.rows)
+    def released(self) -> "Split":
+        """The same split without its rows: once they are in the features, their file need not stay mapped."""
+        return replace(self, rows=None)
 
 
 def load_splits(settings: Settings, policy: RetryPolicy, pinned: dict | None = None) -> tuple[Split, Split]:
@@ -98,7 +99,7 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
         raise DataError(f"{uri or settings.dataset}: no {name} examples left after filtering (QA_MAX_{name.upper()}_SAMPLES, format)")
     log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(table),
                                    **({"files": len(files)} if files else {})})
-    return Split(name, uri or settings.dataset, digest, table, files, pin)
+    return Split(name, uri or settings.dataset, digest, table, len(table), files, pin)
 
 
 def is_prefix(uri: str) -> bool:

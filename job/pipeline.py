@@ -114,6 +114,9 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     tokenizer, model = load_model(nightly.init_model(settings, night, ranks.local_rank), settings.seed, settings.attention)
     check_window_fits(model, settings.max_length)
     features = build_features(settings, tokenizer, train_split, eval_split, ctx.store, ranks.is_writer)
+    # the training rows are in the features now: let their file go, or the pages tokenizing read
+    # stay in this process's resident memory through the whole run
+    train_split = train_split.released()
     ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
     return True
