@@ -1,10 +1,11 @@
 """Preprocess: every row's stride windows and span labels, as Arrow tables, built in parallel and cached.
 
 The windows and labels themselves are ``job.squad.features`` (pure). Here they are computed
-``job.squad.features.CHUNK`` rows at a time by forked worker processes (``job.parallel``), each chunk turned into an
-Arrow table where it was computed, and the two splits cached in the run's storage
-(``job.store.feature_cache``): a resumed run on a fresh machine downloads them instead of
-tokenizing again.
+``job.squad.features.CHUNK`` rows at a time, read from the split's memory-mapped rows, by forked
+worker processes (``job.parallel``), each chunk turned into an Arrow table where it was computed
+and appended to the split's Parquet file as it comes (``write_features``: never a whole split's
+features in memory), and the two splits cached in the run's storage (``job.store.feature_cache``):
+a resumed run on a fresh machine downloads them instead of tokenizing again.
 """
 from __future__ import annotations
 
