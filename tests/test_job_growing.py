@@ -31,8 +31,7 @@ def test_a_retry_reads_the_files_its_first_attempt_read(tmp_path, tiny_model, se
     stopped = run_job(env, module="tests.support.killer", args=("term:train_step@5",))
     assert stopped.returncode == 143, stopped.stderr + stopped.stdout[-2000:]
     run = tmp_path / "out" / "test-run"
-    pinned = json.loads((run / "run.json").read_text())["data_files"]
-    assert [f["key"] for f in pinned["train"]["files"]] == read and pinned["train"]["select"] == select
+    record = (run / "run.json").read_text()
 
     drop(drops, "d.jsonl", ROWS[48:64])  # tonight's file lands while the night waits for its retry
     rerun = run_job(env)
@@ -40,4 +39,6 @@ def test_a_retry_reads_the_files_its_first_attempt_read(tmp_path, tiny_model, se
     assert rerun.event("resume")[0]["step"] == 5 and rerun.event("data_pinned")[0]["files"] == len(read)
     manifest = json.loads((run / "manifest.json").read_text())
     assert [f["key"] for f in manifest["data"]["train"]["files"]] == read
-    assert json.loads((run / "run.json").read_text())["data_files"] == pinned
+    pinned = json.loads(record)["data_files"]
+    assert [f["key"] for f in pinned["train"]["files"]] == read and pinned["train"]["select"] == select
+    assert (run / "run.json").read_text() == record  # the retry read the pin, it did not rewrite it
