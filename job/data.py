@@ -1,67 +1,105 @@
-"""Fetch the training and evaluation data and turn any supported shape into validated SQuAD rows.
+"""Fetch the training and evaluation data, check every row, and keep the rows in Arrow.
 
 A row is ``{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}``,
 the layout of the Hugging Face ``squad`` datasets. Files may be nested SQuAD JSON (v1.1/v2.0),
 JSON Lines, Parquet or CSV, on local disk or in ``s3://``; without a file the hub dataset is used.
-A folder, or an ``s3://`` prefix ending in ``/``, is every supported file under it in key order,
-read as one split (data that grows night by night). Every problem is a ``DataError`` naming the
-file and the row id.
+A folder, or an ``s3://`` prefix ending in ``/``, is its supported files in key order, read as one
+split (data that grows night by night); ``QA_TRAIN_SELECT`` picks tonight's files, and the files
+a run read are pinned in its run.json for its retries (``job.store.listing``).
+
+Files are read, checked and written to the split's Arrow file chunk by chunk (``job.rows``), so
+a split is a memory-mapped table and never a list of dicts. Every problem is a ``DataError``
+naming the file and the row. Each row is checked as it is read, so the first bad one stops the
+load; repeated ids are found once every file is read (a sort of 8-byte hashes: no set of
+millions of ids), and named with both their files.
 """
 from __future__ import annotations
 
+import bisect
+import datetime as dt
+import errno
 import hashlib
 import json
 import logging
-import math
-from dataclasses import dataclass
+from array import array
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
-from job.errors import DataError, StorageUnavailable
+from job.errors import ConfigError, DataError, StorageUnavailable
+from job.formats import FORMATS, from_flat, iter_file_rows, read_rows, validated
+from job.rows import CHUNK, RowWriter, head, open_rows
 from job.settings import Settings
+from job.store import listing
 from job.store.locations import UnsafeName, confine, join, local_path
 from job.store.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
 log = logging.getLogger(__name__)
-FORMATS = {".json": "squad-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+__all__ = ["Split", "load_splits", "load_split", "read_rows", "validate_rows", "is_prefix", "fetch"]
 
 
 @dataclass(frozen=True)
 class Split:
     name: str  # "train" or "eval"
     source: str  # URI or hub id, for messages and the manifest
-    sha256: str  # of the file, of every file under a prefix, or of the hub dataset's fingerprint
-    rows: list[dict]
-    files: tuple = ()  # under a prefix: (key, sha256) of each file read, in order
+    sha256: str  # of the file, of every file under a prefix, or of the hub rows
+    rows: object  # datasets.Dataset: the checked rows, memory-mapped (job.rows); None once released
+    examples: int
+    files: tuple = ()  # under a prefix: each file read (job.store.listing.DataFile), in order
+    pin: dict | None = None  # under a prefix: what run.json pins, so a retry reads exactly these files
+
+    def released(self) -> "Split":
+        """The same split without its rows: once they are in the features, their file need not stay mapped."""
+        return replace(self, rows=None)
 
 
-def load_splits(settings: Settings, policy: RetryPolicy) -> tuple[Split, Split]:
-    return load_split("train", settings, policy), load_split("eval", settings, policy)
+def load_splits(settings: Settings, policy: RetryPolicy, pinned: dict | None = None) -> tuple[Split, Split]:
+    """Both splits; ``pinned`` is run.json's ``data_files`` from this run's first attempt, if any."""
+    return load_split("train", settings, policy, pinned), load_split("eval", settings, policy, pinned)
 
 
-def load_split(name: str, settings: Settings, policy: RetryPolicy) -> Split:
-    """The ``train`` or ``eval`` split as the settings name it: a file, a folder / prefix, or the hub."""
+def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict | None = None) -> Split:
+    """The ``train`` or ``eval`` split as the settings name it: a file, a folder / prefix, or the hub.
+
+    ``QA_MAX_*_SAMPLES`` keeps the first rows in reading order (files in key order, rows in file
+    order); every row is checked all the same.
+    """
     uri = settings.train_uri if name == "train" else settings.eval_uri
     hub_split = settings.train_split if name == "train" else settings.eval_split
     limit = settings.max_train_samples if name == "train" else settings.max_eval_samples
-    files: tuple = ()
-    if uri and is_prefix(uri):
-        rows, digest, files = _prefix_rows(uri, Path(settings.work_dir) / "data" / name, settings, policy)
-    elif uri:
-        path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
-        rows, digest = validate_rows(read_rows(path, uri), source=uri, squad_v2=settings.squad_v2), sha256_file(path)
-    else:
-        source = f"{settings.dataset}[{hub_split}]"
-        rows, digest = validate_rows(_hub_rows(settings, hub_split), source=source, squad_v2=settings.squad_v2), None
+    if name == "train" and settings.train_select != "all" and not (uri and is_prefix(uri)):
+        raise ConfigError(f"QA_TRAIN_SELECT={settings.train_select}: selects files of a folder or prefix, "
+                          f"and QA_TRAIN_URI={uri or '(unset)'} is not one")
+    files, pin = (), None
+    rows = _SplitRows(Path(settings.work_dir) / settings.run_id / "rows" / f"{name}.arrow", settings.squad_v2)
+    try:
+        if uri and is_prefix(uri):
+            digest, files, pin = _read_prefix(rows, name, uri, Path(settings.work_dir) / "data" / name, settings, policy,
+                                              (pinned or {}).get(name))
+        elif uri:
+            path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
+            rows.add(iter_file_rows(path, uri), uri)
+            digest = sha256_file(path)
+        else:
+            rows.fingerprint, rows.fingerprint_rows = hashlib.sha256(), limit  # the hub has no file to hash
+            rows.add(_hub_rows(settings, hub_split), f"{settings.dataset}[{hub_split}]")
+            digest = rows.fingerprint.hexdigest()
+        table = rows.finish()
+    except OSError as exc:
+        rows.abort()
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc):  # Arrow's errors carry no errno
+            raise StorageUnavailable(f"QA_WORK_DIR={settings.work_dir}: no space left for the {name} rows") from None
+        raise
+    except BaseException:
+        rows.abort()
+        raise
     if limit:
-        rows = rows[:limit]
-    if not rows:
+        table = head(table, limit)
+    if len(table) == 0:
         raise DataError(f"{uri or settings.dataset}: no {name} examples left after filtering (QA_MAX_{name.upper()}_SAMPLES, format)")
-    if digest is None:
-        digest = _fingerprint(rows)
-    log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(rows),
+    log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(table),
                                    **({"files": len(files)} if files else {})})
-    return Split(name, uri or settings.dataset, digest, rows, files)
+    return Split(name, uri or settings.dataset, digest, table, len(table), files, pin)
 
 
 def is_prefix(uri: str) -> bool:
@@ -71,52 +109,77 @@ def is_prefix(uri: str) -> bool:
     return uri.endswith("/") or local_path(uri).is_dir()
 
 
-def _prefix_rows(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> tuple[list[dict], str, tuple]:
-    """Every supported file under a folder or prefix, in key order, as one validated split.
+def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy,
+                 pinned_record) -> tuple[str, tuple, dict]:
+    """Tonight's files under a folder or prefix (or the ones this run pinned), in key order, into ``rows``.
 
     Files of other kinds (``_SUCCESS`` markers, ``.crc`` files, hidden temporary files) are
-    skipped and logged. Ids must be unique across files: a duplicate names both files. The digest
-    covers each file's key and sha256, so a file added, removed, renamed or changed is new data.
+    skipped and logged. The digest covers each file's key and sha256, so a file added, removed,
+    renamed or changed is new data. A pinned file that is gone or changed is a data error: the
+    run cannot go on with the data it started with.
     """
-    if uri.startswith("s3://"):
-        store = open_storage(uri, policy, settings.s3_endpoint_url, settings.s3_region)
-        keys = store.list("")
+    s3 = uri.startswith("s3://")
+    store = open_storage(uri, policy, settings.s3_endpoint_url, settings.s3_region) if s3 else None
+    root = None if s3 else local_path(uri)
+    if root is not None and not root.is_dir():
+        raise DataError(f"{uri}: data folder not found")
+    chosen = listing.pinned(pinned_record, uri)
+    if chosen is not None:
+        selection = pinned_record["select"]
+        log.info("reading the data files pinned by this run's first attempt", extra={
+            "event": "data_pinned", "split": name, "source": uri, "files": len(chosen), "select": selection})
     else:
-        root = local_path(uri)
-        if not root.is_dir():
-            raise DataError(f"{uri}: data folder not found")
-        keys = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-    use = [k for k in keys if FORMATS.get(Path(k).suffix.lower()) and not any(part.startswith(".") for part in k.split("/"))]
-    skipped = [k for k in keys if k not in set(use)]
+        chosen, selection = _choose(name, uri, store, root, settings)
+    digest, read = hashlib.sha256(), []
+    for f in chosen:
+        source = join(uri, f.key)
+        try:
+            path = confine(dest_dir / "prefix" if s3 else root, f.key)
+        except UnsafeName as exc:
+            raise DataError(f"{source}: unusable key ({exc})") from None
+        if s3:
+            try:
+                store.get_file(f.key, path)
+            except NotFound:
+                raise DataError(f"{source}: data object vanished while reading the prefix"
+                                f"{_PINNED_HINT if f.sha256 else ''}") from None
+        elif not path.is_file():
+            raise DataError(f"{source}: data file vanished while reading the folder{_PINNED_HINT if f.sha256 else ''}")
+        sha = sha256_file(path)
+        if f.sha256 and sha != f.sha256:
+            raise DataError(f"{source}: changed since this run's first attempt read it{_PINNED_HINT}")
+        rows.add(iter_file_rows(path, source), source)
+        if s3:
+            path.unlink(missing_ok=True)  # its rows are in the split's Arrow file now: keep the scratch disk small
+        digest.update(f"{f.key}\0{sha}\n".encode())
+        read.append(replace(f, sha256=sha))
+    return digest.hexdigest(), tuple(read), listing.pin(uri, selection, read)
+
+
+_PINNED_HINT = ("; this run's first attempt pinned it (run.json, data_files): restore it, or start over "
+                "with a new QA_RUN_ID")
+
+
+def _choose(name: str, uri: str, store, root: Path | None, settings: Settings) -> tuple[list, str]:
+    """List the prefix once and pick tonight's files: every data file, or ``QA_TRAIN_SELECT``'s (train only)."""
+    everything = listing.list_store(store) if store is not None else listing.list_local(root)
+    use, skipped = listing.data_files(everything, FORMATS)
     if skipped:
         log.info("files skipped under a data prefix", extra={"event": "data_files_skipped", "source": uri,
-                                                              "count": len(skipped), "files": skipped[:20]})
+                                                              "count": len(skipped), "files": [f.key for f in skipped[:20]]})
     if not use:
         raise DataError(f"{uri}: no data files under this prefix (supported: .json, .jsonl, .ndjson, .parquet, .csv"
-                        f"{'; skipped ' + ', '.join(skipped[:3]) if skipped else ''})")
-    rows, first_seen, digest, files = [], {}, hashlib.sha256(), []
-    for key in use:
-        source = join(uri, key)
-        if uri.startswith("s3://"):
-            try:
-                path = confine(dest_dir / "prefix", key)
-            except UnsafeName as exc:
-                raise DataError(f"{source}: unusable key ({exc})") from None
-            try:
-                store.get_file(key, path)
-            except NotFound:
-                raise DataError(f"{source}: data object vanished while reading the prefix") from None
-        else:
-            path = root / key
-        sha = sha256_file(path)
-        for row in validate_rows(read_rows(path, source), source=source, squad_v2=settings.squad_v2):
-            if row["id"] in first_seen:
-                raise DataError(f"{source}: row {str(row['id'])[:80]!r}: duplicate id, also in {first_seen[row['id']]}")
-            first_seen[row["id"]] = source
-            rows.append(row)
-        digest.update(f"{key}\0{sha}\n".encode())
-        files.append((key, sha))
-    return rows, digest.hexdigest(), tuple(files)
+                        f"{'; skipped ' + ', '.join(f.key for f in skipped[:3]) if skipped else ''})")
+    selection = listing.parse_selection(settings.train_select) if name == "train" else listing.ALL
+    chosen = listing.select(use, selection, dt.datetime.now(dt.timezone.utc).date(), uri)
+    if selection != listing.ALL:
+        log.info("data files selected", extra={"event": "data_selected", "split": name, "source": uri, "select": str(selection),
+                                               "files": len(chosen), "of": len(use),
+                                               "first": chosen[0].key if chosen else None, "last": chosen[-1].key if chosen else None})
+    if not chosen:
+        raise DataError(f"{uri}: QA_TRAIN_SELECT={selection} left none of its {len(use)} data files "
+                        f"(newest by key: {use[-1].key})")
+    return chosen, str(selection)
 
 
 def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> Path:
@@ -136,153 +199,80 @@ def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> 
     return local
 
 
-def read_rows(path: Path, source: str) -> list[dict]:
-    kind = FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{source}: unknown data format {path.suffix!r} (use .json, .jsonl, .parquet or .csv)")
-    try:
-        if kind == "squad-json":
-            return _read_squad_json(path, source)
-        if kind == "jsonl":
-            return _read_jsonl(path, source)
-        if kind == "parquet":
-            import pyarrow.parquet as pq
+class _SplitRows:
+    """A split's rows on their way to its Arrow file: checked, hashed for the duplicate test, written."""
 
-            return [_from_flat(r) for r in pq.read_table(path).to_pylist()]
-        import pandas as pd
+    def __init__(self, path: Path, squad_v2: bool):
+        self.writer, self.squad_v2 = RowWriter(path), squad_v2
+        self.hashes = array("q")  # hash(id) of every row: 8 bytes a row, sorted once at the end
+        self.sources: list[tuple[int, str]] = []  # (first row, file) for naming a duplicate's files
+        self.fingerprint, self.fingerprint_rows = None, None  # the hub's digest, over the rows kept
+        self.pending: list[dict] = []  # written CHUNK at a time, across files: a prefix of small files is not a table of tiny chunks
 
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return [_from_flat(r) for r in frame.to_dict("records")]
-    except DataError:
-        raise
-    except Exception as exc:  # a parser's own message, kept to one line
-        raise DataError(f"{source}: cannot read as {kind}: {str(exc).splitlines()[0][:200]}") from None
+    def add(self, raw: Iterable[dict], source: str) -> None:
+        self.sources.append((len(self.hashes), source))
+        for row in validated(raw, source, self.squad_v2):
+            if self.fingerprint is not None and (self.fingerprint_rows is None or len(self.hashes) < self.fingerprint_rows):
+                self.fingerprint.update(json.dumps(row, sort_keys=True).encode())
+            self.hashes.append(hash(row["id"]))
+            self.pending.append(row)
+            if len(self.pending) == CHUNK:
+                self.writer.write(self.pending)
+                self.pending = []
 
+    def finish(self):
+        self.writer.write(self.pending)
+        self.pending = []
+        table = open_rows(self.writer.close())
+        repeat = first_duplicate(self.hashes, lambda at: table.with_format("arrow")[at]["id"].to_pylist())
+        if repeat is not None:
+            first, second = repeat
+            rid = table.with_format("arrow")[[second]]["id"][0].as_py()
+            earlier, later = self._source(first), self._source(second)
+            raise DataError(f"{later}: row {rid[:80]!r}: duplicate id" + (f", also in {earlier}" if earlier != later else ""))
+        return table
 
-def _read_jsonl(path: Path, source: str) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(_from_flat(json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}: line {lineno} is not valid JSON ({exc.msg})") from None
-    return rows
+    def abort(self) -> None:
+        self.writer.abort()
 
-
-def _read_squad_json(path: Path, source: str) -> list[dict]:
-    doc = json.loads(path.read_text(encoding="utf-8"))
-    if isinstance(doc, list):  # a JSON array of flat rows
-        return [_from_flat(r) for r in doc]
-    if not isinstance(doc, dict) or "data" not in doc:
-        raise DataError(f"{source}: not SQuAD JSON (no top-level 'data')")
-    rows = []
-    for article in doc["data"]:
-        for para in article.get("paragraphs", []):
-            for qa in para.get("qas", []):
-                answers = [] if qa.get("is_impossible") else qa.get("answers", [])
-                rows.append({
-                    "id": qa.get("id"), "title": article.get("title", ""), "context": para.get("context"),
-                    "question": qa.get("question"),
-                    "answers": {"text": [a.get("text") for a in answers], "answer_start": [a.get("answer_start") for a in answers]},
-                })
-    return rows
+    def _source(self, position: int) -> str:
+        starts = [start for start, _ in self.sources]
+        return self.sources[bisect.bisect_right(starts, position) - 1][1]
 
 
-def _from_flat(row: dict) -> dict:
-    """Accept the hub layout, or flat ``answer_text``/``answer_start`` columns (CSV, Parquet)."""
-    if not isinstance(row, dict):
-        return {"id": None}
-    answers = row.get("answers")
-    if isinstance(answers, str):  # CSV cell holding the JSON answers object
-        try:
-            answers = json.loads(answers) if answers.strip() else {"text": [], "answer_start": []}
-        except json.JSONDecodeError:
-            answers = None
-    if answers is None and "answer_text" in row:
-        text, start = row.get("answer_text"), row.get("answer_start")
-        has = text not in (None, "")
-        answers = {"text": [text] if has else [], "answer_start": [_int(start)] if has else []}
-    out = dict(row)
-    out["answers"] = answers
-    return out
+def first_duplicate(hashes, ids_at) -> tuple[int, int] | None:
+    """``(earlier, later)`` row positions of the repeated id whose repeat comes first, or None.
 
+    Rows are compared by ``hash(id)`` (sorted once: 8 bytes a row, not a set of millions of
+    strings); only rows whose hashes collide are read back (``ids_at(positions)``) and compared
+    by their ids, so a hash collision is never taken for a duplicate.
+    """
+    import numpy as np
 
-def _int(value):
-    """CSV cells arrive as text: "17" -> 17. Everything else is left for validate_rows to judge."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    return value
-
-
-def _start(value) -> int | None:
-    """An answer_start as a non-negative int: ints, digit strings and integral floats (Parquet) only."""
-    value = _int(value)
-    if isinstance(value, bool):
+    values = np.frombuffer(hashes, dtype=np.int64) if len(hashes) else np.zeros(0, np.int64)
+    order = np.argsort(values, kind="stable")
+    same = np.flatnonzero(values[order][1:] == values[order][:-1])
+    if not same.size:
         return None
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        value = int(value)
-    return value if isinstance(value, int) and value >= 0 else None
-
-
-def _text(value, where: str, field: str) -> str:
-    if value is None or isinstance(value, str) and not value.strip():
-        raise DataError(f"{where}: missing or empty field {field!r}")
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {field!r} must be a string (got {type(value).__name__})")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: no tokenizer or JSON writer accepts it
-        raise DataError(f"{where}: field {field!r} holds an invalid character (a lone UTF-16 surrogate)") from None
-    return value
+    candidates = np.unique(np.concatenate([order[same], order[same + 1]])).tolist()  # ascending: reading order
+    seen: dict[str, int] = {}
+    for position, rid in zip(candidates, ids_at(candidates)):
+        if rid in seen:
+            return seen[rid], position
+        seen[rid] = position
+    return None
 
 
 def validate_rows(rows: Iterable[dict], source: str, squad_v2: bool) -> list[dict]:
-    """Check every row; the first bad one raises a DataError naming the source and row id.
-
-    Without ``QA_SQUAD_V2`` every row, training and evaluation alike, needs an answer: v1.1
-    scoring has no rule for a question without one, and finding that out after training would
-    cost the whole run.
-    """
-    out, seen, unanswerable = [], set(), []
-    for index, row in enumerate(rows):
-        rid = row.get("id")
-        where = f"{source}: row {str(rid)[:80]!r}" if isinstance(rid, (str, int)) and rid != "" else f"{source}: row #{index + 1}"
-        _text(rid, where, "id")
-        context, question = _text(row.get("context"), where, "context"), _text(row.get("question"), where, "question")
-        if rid in seen:
-            raise DataError(f"{where}: duplicate id")
-        seen.add(rid)
-        answers = row.get("answers")
-        if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
-            raise DataError(f"{where}: missing field 'answers' ({{'text': [...], 'answer_start': [...]}})")
-        texts, starts = answers["text"], [_start(s) for s in answers["answer_start"]]
-        if len(texts) != len(starts):
-            raise DataError(f"{where}: answers.text and answers.answer_start differ in length")
-        for text, start, raw in zip(texts, starts, answers["answer_start"]):
-            if not isinstance(text, str) or not text:
-                raise DataError(f"{where}: an answer text must be a non-empty string (no answer: empty lists, with QA_SQUAD_V2=true)")
-            _text(text, where, "answers.text")
-            if start is None:
-                raise DataError(f"{where}: answer_start must be a non-negative integer (got {str(raw)[:40]!r})")
-            if context[start:start + len(text)] != text:
-                raise DataError(f"{where}: answer_start {start} does not match the context for answer {text[:40]!r}")
-        if not texts and not squad_v2:
-            unanswerable.append(rid)
-        out.append({
-            "id": rid, "title": str(row.get("title") or ""), "context": context, "question": question,
-            "answers": {"text": list(texts), "answer_start": starts},
-        })
-    if unanswerable:
-        shown = ", ".join(repr(str(r)[:60]) for r in unanswerable[:5]) + (f" and {len(unanswerable) - 5} more" if len(unanswerable) > 5 else "")
-        raise DataError(f"{source}: {len(unanswerable)} row(s) without an answer ({shown}); "
-                        "set QA_SQUAD_V2=true for data with unanswerable questions")
+    """Check a list of rows (the whole file's, in memory: tests and benchmarks); the first problem raises."""
+    out = list(validated(rows, source, squad_v2))
+    repeat = first_duplicate(array("q", (hash(r["id"]) for r in out)), lambda at: [out[i]["id"] for i in at])
+    if repeat is not None:
+        raise DataError(f"{source}: row {out[repeat[1]]['id'][:80]!r}: duplicate id")
     return out
 
 
-def _hub_rows(settings: Settings, split: str) -> list[dict]:
+def _hub_rows(settings: Settings, split: str) -> Iterator[dict]:
     import datasets
 
     try:
@@ -291,13 +281,5 @@ def _hub_rows(settings: Settings, split: str) -> list[dict]:
         raise StorageUnavailable(f"QA_DATASET={settings.dataset}: hub unreachable ({str(exc).splitlines()[0][:160]})") from None
     except Exception as exc:
         raise DataError(f"QA_DATASET={settings.dataset} split {split!r}: {str(exc).splitlines()[0][:200]}") from None
-    return [_from_flat(r) for r in ds]
-
-
-def _fingerprint(rows: list[dict]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for row in rows:
-        h.update(json.dumps(row, sort_keys=True).encode())
-    return h.hexdigest()
+    for row in ds:  # the hub's own memory-mapped table, a row at a time
+        yield from_flat(row)

@@ -18,6 +18,7 @@ import logging
 import numpy as np
 from transformers import TrainerCallback
 
+from job.rows import CHUNK, SCORED, chunks, each
 from job.squad.decoding import count_nonfinite, decode_all
 from job.squad.metrics import squad_scores
 
@@ -57,16 +58,18 @@ def window_lengths(features) -> np.ndarray:
     return pc.list_value_length(features.with_format("arrow")["input_ids"]).to_numpy()
 
 
-def window_offsets(features) -> list[np.ndarray]:
+def window_offsets(features, windows=None) -> list[np.ndarray]:
     """Each window's character offsets as an (n, 2) array, read from the Arrow column.
 
     The same numbers ``features["offset_mapping"]`` gives as nested Python lists, which take
-    seconds to build for SQuAD's dev set; decoding reads either the same way.
+    seconds to build for SQuAD's dev set; decoding reads either the same way. ``windows`` (a
+    slice or positions) reads only those.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    column = features.with_format("arrow")["offset_mapping"]
+    table = features.with_format("arrow")
+    column = table["offset_mapping"] if windows is None else table[windows]["offset_mapping"]
     windows = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     pairs = windows.flatten().flatten().to_numpy().reshape(-1, 2)  # flatten() honours slices, .values would not
     counts = pc.list_value_length(windows).to_numpy()
@@ -152,14 +155,30 @@ def score_logits(rows: list[dict], eval_features, start_logits, end_logits, sett
     if nonfinite:
         # decoding treats NaN as -inf (job.squad.decoding); say so, since it usually means a diverged model
         log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
-    predictions = decode_all(
-        rows, eval_features.with_format("arrow")["example_index"].to_numpy(), window_offsets(eval_features),
-        start_logits, end_logits,
-        n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
-        version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold,
-    )
-    scores = squad_scores(rows, predictions, version_2=settings.squad_v2)
+    predictions = decode_examples(rows, eval_features, start_logits, end_logits, settings)
+    scores = squad_scores(each(rows, SCORED), predictions, version_2=settings.squad_v2)
     log.info("evaluation finished", extra={"event": "eval", "step": step, "examples": len(rows),
                                            "during_training": during_training,
                                            **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
     return scores, predictions
+
+
+def decode_examples(rows, features, start_logits, end_logits, settings) -> dict[str, str]:
+    """``{id: answer}`` for every example, decoded ``job.rows.CHUNK`` examples at a time.
+
+    Only one chunk's contexts and window offsets are read at once, so what this holds grows
+    with the answers, not the contexts. Each example gets exactly the windows, in the same
+    order, that decoding the whole set at once would give it.
+    """
+    example_index = features.with_format("arrow")["example_index"].to_numpy()
+    order = None if (np.diff(example_index) >= 0).all() else np.argsort(example_index, kind="stable")
+    grouped = example_index if order is None else example_index[order]  # each example's windows together
+    options = dict(n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
+                   version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold)
+    predictions: dict[str, str] = {}
+    for begin, part in chunks(rows, CHUNK, ("id", "context")):
+        lo, hi = np.searchsorted(grouped, [begin, begin + len(part)])
+        windows = slice(lo, hi) if order is None else order[lo:hi]
+        predictions.update(decode_all(part, grouped[lo:hi] - begin, window_offsets(features, windows),
+                                      start_logits[windows], end_logits[windows], **options))
+    return predictions

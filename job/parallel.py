@@ -17,6 +17,7 @@ is done in this process, with one log line: a speed setting never stops a run.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import multiprocessing
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 # catches a worker that hangs instead of dying.
 DEADLINE_BASE_SECONDS = 120.0
 DEADLINE_SECONDS_PER_TASK = 60.0
+
+AHEAD_PER_WORKER = 2  # chunks in flight per worker: each busy, one more queued
 
 _TASK: tuple | None = None  # (fn, tokenizer, rows, kwargs), inherited by each worker through fork
 
@@ -85,10 +88,15 @@ def map_chunks(fn: Callable, begins: Iterable[int], workers: int, tokenizer, row
                                initializer=_init, initargs=(fn, tokenizer, rows, kwargs))
     try:
         with _forking_workers():
-            futures = [pool.submit(_run, begins[0])]  # with fork, the first submit starts every worker
-        futures += [pool.submit(_run, begin) for begin in begins[1:]]
-        for future in futures:
-            result = future.result(timeout=max(deadline - time.monotonic(), 0.0))
+            futures = collections.deque([pool.submit(_run, begins[0])])  # with fork, the first submit starts every worker
+        submitted = 1
+        while futures:
+            # a few chunks ahead of the caller, not all of them: results the caller has not taken
+            # yet wait here, in memory, so this bounds them whatever the number of chunks
+            while submitted < len(begins) and len(futures) < AHEAD_PER_WORKER * workers:
+                futures.append(pool.submit(_run, begins[submitted]))
+                submitted += 1
+            result = futures.popleft().result(timeout=max(deadline - time.monotonic(), 0.0))
             done += 1
             yield result
     except (BrokenProcessPool, TimeoutError) as exc:

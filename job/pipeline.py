@@ -81,7 +81,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     the process group, which the decisions travel through.
     """
     settings, ranks = ctx.settings, ctx.ranks
-    train_split, eval_split = load_splits(settings, _policy(settings))
+    # a retry reads the very files its first attempt read, whatever landed under the prefix since
+    train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(ctx.store))
     if ranks.world_size > 1:
         ctx = replace(ctx, args=_join_process_group(ctx))
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
@@ -91,7 +92,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     if ctx.args is None:
         check_device(settings)  # a GPU that cannot be used as asked: exit 2 before anything is tokenized or trained
     inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base)
-    if ranks.from_rank0(lambda: _claim(ctx, inputs)):
+    pins = {s.name: s.pin for s in (train_split, eval_split) if s.pin}
+    if ranks.from_rank0(lambda: _claim(ctx, inputs, pins)):
         if ranks.is_writer:  # an earlier attempt of this very run trained and evaluated; only the upload failed
             publish.publish_staged(publish.staging_dir(settings), ctx.store, ctx.stop)
         return True
@@ -104,6 +106,9 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     # the first process of each node tokenizes (or downloads the cache); the others then read its cache
     features = ranks.leaders_first(lambda: build_features(settings, tokenizer, train_split, eval_split, ctx.store,
                                                           ranks.is_writer))
+    # the training rows are in the features now: let their file go, or the pages tokenizing read
+    # stay in this process's resident memory through the whole run
+    train_split = train_split.released()
     ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
     return True
@@ -124,9 +129,10 @@ def _training_arguments(settings):
     return training_arguments(settings, Path(settings.work_dir) / settings.run_id / "trainer", precision_for(settings))
 
 
-def _claim(ctx: RunContext, inputs: dict) -> bool:
-    """On rank 0: bind the run folder to these inputs; True when this work dir holds their staged results."""
-    publish.claim_run_folder(ctx.store, ctx.settings, inputs)
+def _claim(ctx: RunContext, inputs: dict, pins: dict) -> bool:
+    """On rank 0: bind the run folder to these inputs (and pin the data files read); True when this work dir
+    holds their staged results."""
+    publish.claim_run_folder(ctx.store, ctx.settings, inputs, pins)
     return publish.staged_results(ctx.settings, inputs) is not None
 
 
@@ -150,8 +156,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     ctx.check_stop()
     if ranks.is_writer:
         context = {
-            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": len(s.rows),
-                              **({"files": [{"key": k, "sha256": h} for k, h in s.files]} if s.files else {})}
+            "data": {s.name: {"source": s.source, "sha256": s.sha256, "examples": s.examples,
+                              **({"files": [{"key": f.key, "sha256": f.sha256, "size": f.size} for f in s.files]}
+                                 if s.files else {})}
                      for s in (train_split, eval_split)},
             "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
             "precision": precision, "device": device, "world_size": ranks.world_size,

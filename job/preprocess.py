@@ -1,10 +1,11 @@
 """Preprocess: every row's stride windows and span labels, as Arrow tables, built in parallel and cached.
 
 The windows and labels themselves are ``job.squad.features`` (pure). Here they are computed
-``job.squad.features.CHUNK`` rows at a time by forked worker processes (``job.parallel``), each chunk turned into an
-Arrow table where it was computed, and the two splits cached in the run's storage
-(``job.store.feature_cache``): a resumed run on a fresh machine downloads them instead of
-tokenizing again.
+``job.squad.features.CHUNK`` rows at a time, read from the split's memory-mapped rows, by forked
+worker processes (``job.parallel``), each chunk turned into an Arrow table where it was computed
+and appended to the split's Parquet file as it comes (``write_features``: never a whole split's
+features in memory), and the two splits cached in the run's storage (``job.store.feature_cache``):
+a resumed run on a fresh machine downloads them instead of tokenizing again.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from typing import Sequence
 from job import recipe
 from job.errors import DataError
 from job.parallel import map_chunks
+from job.rows import chunk
 from job.squad import features
 from job.store import feature_cache
 from job.store.files import writing
@@ -65,39 +67,75 @@ def _build(settings, tokenizer, train, evals, local: Path) -> None:
     (local / feature_cache.MANIFEST).unlink(missing_ok=True)
     workers = preprocess_workers(settings)  # the same features whatever the count (tests/test_preprocess.py)
     for kind, split, name in (("train", train, feature_cache.NAMES[0]), ("eval", evals, feature_cache.NAMES[1])):
-        dataset = feature_dataset(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers)
         with writing(local / name) as tmp:  # removed if the disk fills up: it would only eat the next attempt's space
-            dataset.to_parquet(str(tmp))
+            write_features(kind, tokenizer, split.rows, settings.max_length, settings.doc_stride, workers, tmp)
     feature_cache.write_manifest(local)
+
+
+def write_features(kind: str, tokenizer, rows, max_length: int, stride: int, workers: int, path: Path) -> int:
+    """``feature_dataset``'s table written to the Parquet file ``path`` a chunk at a time; the number of windows.
+
+    Each chunk's windows are written as they come, in order, and dropped: the features of a
+    whole split are never in memory at once. Reading the file back gives the same table, row for
+    row and type for type, as ``feature_dataset``.
+    """
+    import pyarrow.parquet as pq
+
+    writer, windows = None, 0
+    try:
+        for table in _chunk_tables(kind, tokenizer, rows, max_length, stride, workers):
+            if writer is None:
+                writer = pq.ParquetWriter(str(path), table.schema)  # the first chunk's schema carries the column types
+            writer.write_table(table)
+            windows += table.num_rows
+        if writer is None:  # no rows: the empty table, as feature_dataset has it
+            _empty(kind, tokenizer).to_parquet(str(path))
+    finally:
+        if writer is not None:
+            writer.close()
+    return windows
 
 
 def feature_dataset(kind: str, tokenizer, rows: Sequence[dict], max_length: int, stride: int, workers: int = 1):
     """``train_features`` or ``eval_features`` (``kind`` "train"/"eval") of every row, as a ``datasets.Dataset``.
 
-    ``features.CHUNK`` rows at a time, by ``workers`` processes (one = in this process). Every chunk is turned
-    into an Arrow table where it was computed: the parent only concatenates them, and holds
-    compact arrays instead of millions of Python ints. The result is the same, row for row and
-    type for type, as ``Dataset.from_dict`` of the whole ``*_features`` output, whatever ``workers``.
+    ``rows`` is a split's Arrow table (``job.rows``) or a list of row dicts. ``features.CHUNK``
+    rows at a time, by ``workers`` processes (one = in this process). Every chunk is turned into
+    an Arrow table where it was computed: the parent only concatenates them, and holds compact
+    arrays instead of millions of Python ints. The result is the same, row for row and type for
+    type, as ``Dataset.from_dict`` of the whole ``*_features`` output, whatever ``workers``.
+    The whole table is in memory: for a split of any size, ``write_features``.
     """
     import datasets
 
-    tables = list(map_chunks(_chunk_table, range(0, len(rows), features.CHUNK), workers, tokenizer, rows,
-                             kind=kind, max_length=max_length, stride=stride))
+    tables = list(_chunk_tables(kind, tokenizer, rows, max_length, stride, workers))
     if not tables:
-        return datasets.Dataset.from_dict(_empty_columns(kind, tokenizer))
+        return _empty(kind, tokenizer)
     return datasets.concatenate_datasets([datasets.Dataset(t) for t in tables])
 
 
-def _chunk_table(tokenizer, rows: Sequence[dict], begin: int, kind: str, max_length: int, stride: int):
+def _chunk_tables(kind: str, tokenizer, rows, max_length: int, stride: int, workers: int):
+    """Each chunk's features as an Arrow table, in row order (forked workers inherit the memory-mapped rows)."""
+    return map_chunks(_chunk_table, range(0, len(rows), features.CHUNK), workers, tokenizer, rows,
+                      kind=kind, max_length=max_length, stride=stride)
+
+
+def _chunk_table(tokenizer, rows, begin: int, kind: str, max_length: int, stride: int):
     import datasets
 
-    chunk = rows[begin:begin + features.CHUNK]
+    part = chunk(rows, begin, features.CHUNK)
     if kind == "train":
-        columns = features.train_features(tokenizer, chunk, max_length, stride)
+        columns = features.train_features(tokenizer, part, max_length, stride)
     else:
-        columns = features.eval_features(tokenizer, chunk, max_length, stride)
+        columns = features.eval_features(tokenizer, part, max_length, stride)
         columns["example_index"] = [begin + i for i in columns["example_index"]]  # chunk row -> dataset row
     return datasets.Dataset.from_dict(columns).data.table
+
+
+def _empty(kind: str, tokenizer):
+    import datasets
+
+    return datasets.Dataset.from_dict(_empty_columns(kind, tokenizer))
 
 
 def _empty_columns(kind: str, tokenizer) -> dict[str, list]:

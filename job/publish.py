@@ -22,6 +22,7 @@ from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_writ
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 RUN_RECORD = "run.json"  # what started this run folder: a rerun under the same run id must match it
+DATA_FILES = "data_files"  # run.json's key for the files each split read from a prefix (pinned for retries)
 STAGED = ".staged"  # local only: the staging folder is whole
 BINDING = ".binding.json"  # local only: which inputs and which destination the staged results belong to
 _PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings")
@@ -49,16 +50,20 @@ def versions() -> dict[str, str]:
     return out
 
 
-def claim_run_folder(store: Storage, settings, inputs: dict) -> None:
+def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | None = None) -> None:
     """Record what this run is; refuse to continue a run folder that another configuration started.
 
     Checkpoints under ``<output>/<run_id>/`` are resumed by step count: resuming them with other
-    data or another learning rate would silently train a model nobody asked for.
+    data or another learning rate would silently train a model nobody asked for. ``data_files``
+    (``job.data.Split.pin`` of each split read from a prefix) is kept as the first attempt wrote
+    it: a retry reads exactly those files (``pinned_data``).
     """
     # recipe and eval fingerprint: what a channel compares (skip-if-unchanged, re-scoring the holder)
     record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "recipe": recipe(inputs),
               "eval_fingerprint": eval_fingerprint(inputs), "inputs": redact(inputs),
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if data_files:
+        record[DATA_FILES] = data_files
     try:
         store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)
         return
@@ -75,6 +80,16 @@ def claim_run_folder(store: Storage, settings, inputs: dict) -> None:
         raise ConfigError(f"QA_RUN_ID={settings.run_id}: {store.uri} was started with other settings or data "
                           f"(differs in: {', '.join(changed[:8]) or 'unknown'}); use a new QA_RUN_ID, "
                           "or delete that folder to start over")
+
+
+def pinned_data(store: Storage) -> dict | None:
+    """``{split: pin}`` recorded by this run's first attempt (``job.store.listing.pinned`` checks each), or None."""
+    try:
+        record = json.loads(store.get_bytes(RUN_RECORD)[0])
+    except (NotFound, ValueError, UnicodeDecodeError):
+        return None
+    pins = record.get(DATA_FILES) if isinstance(record, dict) else None
+    return pins if isinstance(pins, dict) else None
 
 
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,

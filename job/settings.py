@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from job.errors import ConfigError
 from job.observe.redaction import redact
 from job.observe.trackers import tracker_problems
+from job.store.listing import parse_selection
 from job.store.locations import UnsafeName, check_channel_name, is_run_id, is_s3, join, parse_s3
 
 ENV_PREFIX = "QA_"
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     train_uri: str | None = None
     eval_uri: str | None = None
     squad_v2: bool = False
+    train_select: str = Field("all", description="which files of a training prefix: all, newest:N or days:D [:key|:modified]")
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
 
@@ -189,6 +191,11 @@ class Settings(BaseSettings):
             raise ValueError("must not contain control characters")
         return v
 
+    @field_validator("train_select")
+    @classmethod
+    def _selection(cls, v: str) -> str:
+        return str(parse_selection(v))  # one spelling per choice: "NEWEST:7:key" is "newest:7"
+
     @field_validator("channel")
     @classmethod
     def _channel_is_a_name(cls, v: str | None) -> str | None:
@@ -301,6 +308,8 @@ def _cross_checks(s: Settings) -> list[str]:
             problems.append("QA_DOC_STRIDE: leaves fewer than 16 new tokens per window; lower it")
     if not s.train_uri and not s.dataset:
         problems.append("QA_TRAIN_URI: set it or QA_DATASET")
+    if s.train_select != "all" and not (s.train_uri and (s.train_uri.endswith("/") or not is_s3(s.train_uri))):
+        problems.append("QA_TRAIN_SELECT: selects files of a folder or s3:// prefix ending in '/'; set QA_TRAIN_URI to one")
     if s.init_from == "channel" and not s.channel:
         problems.append("QA_INIT_FROM: 'channel' needs QA_CHANNEL (the channel whose holder to start from)")
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:

@@ -54,7 +54,7 @@ def test_every_file_in_key_order_skipping_what_is_not_data(prefix, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="job.data"):
         split = load(uri, tmp_path, env)
     assert [r["id"] for r in split.rows] == [r["id"] for r in ROWS[:20]]
-    assert [k for k, _ in split.files] == ["2026-11-01/part-0.jsonl", "2026-11-02/part-1.jsonl"]
+    assert [f.key for f in split.files] == ["2026-11-01/part-0.jsonl", "2026-11-02/part-1.jsonl"]
     skipped = [r for r in caplog.records if getattr(r, "event", "") == "data_files_skipped"]
     assert skipped and skipped[0].files == ["2026-11-01/_SUCCESS"]
 
@@ -109,3 +109,90 @@ def test_a_single_file_uri_is_unchanged(tmp_path):
     import hashlib
 
     assert split.sha256 == hashlib.sha256(path.read_bytes()).hexdigest() and split.files == ()
+
+
+def load_select(uri, tmp_path, env, select, pinned=None):
+    settings = load_settings({"QA_TRAIN_URI": uri, "QA_WORK_DIR": str(tmp_path / "work"), "QA_TRAIN_SELECT": select, **env})
+    return load_split("train", settings, RetryPolicy(attempts=2, backoff_seconds=0.1), pinned)
+
+
+def test_selection_by_key(prefix, tmp_path):
+    import datetime as dt
+
+    put, _, uri, env = prefix
+    today = dt.datetime.now(dt.timezone.utc).date()
+    for ago, rows in ((0, ROWS[:5]), (1, ROWS[5:10]), (3, ROWS[10:15])):
+        put(f"{today - dt.timedelta(days=ago)}/part.jsonl", jsonl(rows))
+    put("_SUCCESS", b"")
+    ids = lambda split: [r["id"] for r in split.rows]  # noqa: E731
+    assert ids(load_select(uri, tmp_path, env, "newest:2")) == [r["id"] for r in ROWS[5:10] + ROWS[:5]]
+    assert ids(load_select(uri, tmp_path, env, "days:2")) == [r["id"] for r in ROWS[5:10] + ROWS[:5]]
+    assert ids(load_select(uri, tmp_path, env, "days:4")) == [r["id"] for r in ROWS[10:15] + ROWS[5:10] + ROWS[:5]]
+    every = load_select(uri, tmp_path, env, "all")
+    assert len(every.rows) == 15 and every.sha256 == load(uri, tmp_path, env).sha256  # "all" is the split as before
+
+
+def test_selection_by_modification_time(prefix, request, tmp_path):
+    """Files landed in another order than their keys: ``:modified`` follows the landing order."""
+    import os
+    import time
+
+    put, _, uri, env = prefix
+    put("b.jsonl", jsonl(ROWS[:5]))
+    if request.node.callspec.params["prefix"] == "s3":
+        time.sleep(1.1)  # S3 keeps LastModified in whole seconds
+    put("a.jsonl", jsonl(ROWS[5:10]))
+    if request.node.callspec.params["prefix"] == "local":
+        old = time.time() - 3 * 86400
+        os.utime(tmp_path / "drops" / "b.jsonl", (old, old))
+    assert [f.key for f in load_select(uri, tmp_path, env, "newest:1:modified").files] == ["a.jsonl"]
+    assert [f.key for f in load_select(uri, tmp_path, env, "newest:1").files] == ["b.jsonl"]
+    if request.node.callspec.params["prefix"] == "local":  # an S3 object's LastModified cannot be set back
+        assert [f.key for f in load_select(uri, tmp_path, env, "days:2:modified").files] == ["a.jsonl"]
+
+
+def test_a_pinned_selection_reads_the_same_files_after_new_ones_land(prefix, tmp_path):
+    put, _, uri, env = prefix
+    put("1.jsonl", jsonl(ROWS[:5]))
+    put("2.jsonl", jsonl(ROWS[5:10]))
+    first = load_select(uri, tmp_path, env, "newest:1")
+    record = json.loads(json.dumps({"train": first.pin}))  # as run.json holds it
+    (f,) = record["train"]["files"]
+    assert (f["key"], f["size"], record["train"]["select"]) == ("2.jsonl", len(jsonl(ROWS[5:10])), "newest:1")
+    assert bool(f["etag"]) == uri.startswith("s3://")  # local files have no ETag
+    put("3.jsonl", jsonl(ROWS[10:15]))  # tonight's drop lands while the run is preempted
+    again = load_select(uri, tmp_path, env, "newest:1", pinned=record)
+    assert (again.sha256, [r["id"] for r in again.rows]) == (first.sha256, [r["id"] for r in ROWS[5:10]])
+    assert again.pin == first.pin
+    assert [f.key for f in load_select(uri, tmp_path, env, "newest:1").files] == ["3.jsonl"]  # unpinned: tonight's
+    put("2.jsonl", jsonl(ROWS[5:9]))  # the pinned file itself changed
+    with pytest.raises(DataError) as info:
+        load_select(uri, tmp_path, env, "newest:1", pinned=record)
+    assert "2.jsonl: changed since this run's first attempt read it" in str(info.value) and info.value.exit_code == 3
+
+
+def test_a_pin_for_eval_keeps_the_gate_on_the_scored_rows(tmp_path):
+    """The gate re-reads the eval split of a complete run: from the files it pinned, not what landed since."""
+    from job.channels.promotion import _eval_rows
+    from job.publish import claim_run_folder
+    from job.store.fingerprint import training_inputs
+    from job.store.storage import LocalStorage
+
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(jsonl(ROWS[:6]).decode())
+    settings = load_settings({"QA_EVAL_URI": str(folder), "QA_WORK_DIR": str(tmp_path / "work"), "QA_RUN_ID": "r1"})
+    split = load_split("eval", settings, RetryPolicy(attempts=1))
+    store = LocalStorage(tmp_path / "out" / "r1")
+    claim_run_folder(store, settings, training_inputs(settings, "t", split.sha256), {"eval": split.pin})
+    (folder / "b.jsonl").write_text(jsonl(ROWS[6:9]).decode())  # a new eval file after the run was scored
+    assert [r["id"] for r in _eval_rows(settings, store)] == [r["id"] for r in ROWS[:6]]
+
+
+def test_a_selection_needs_a_folder(tmp_path):
+    from job.errors import ConfigError
+
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(jsonl(ROWS[:3]))
+    with pytest.raises(ConfigError, match="QA_TRAIN_SELECT=newest:2: selects files of a folder or prefix"):
+        load_select(str(path), tmp_path, {}, "newest:2")

@@ -142,3 +142,41 @@ def test_logits_keep_fp32_resolution_under_bf16(setup, tmp_path):
 
     start, end = predict_logits(trainer.model, trainer.processing_class, features.select(range(8)), 8, "cpu", "bf16")
     assert not bf16_rounded(start[:, :16]) and not bf16_rounded(end[:, :16])
+
+@pytest.fixture(scope="module")
+def arrow_rows(tmp_path_factory, dev_rows):
+    from job.rows import RowWriter, open_rows
+
+    writer = RowWriter(tmp_path_factory.mktemp("rows") / "eval.arrow")
+    writer.write([{**r, "title": r.get("title", "")} for r in dev_rows])
+    return open_rows(writer.close())
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_decoding_chunk_by_chunk_gives_the_answers_of_decoding_all_at_once(setup, dev_rows, arrow_rows, monkeypatch, shuffled):
+    """Arrow rows, 5 examples a chunk, windows in dataset order or not: the answers and scores of one pass over everything."""
+    import job.evaluate
+    from job.evaluate import decode_examples, window_offsets
+    from job.squad.decoding import decode_all
+    from job.squad.metrics import squad_scores
+
+    settings, trainer, features = setup
+    if shuffled:
+        features = features.select(np.random.default_rng(0).permutation(len(features)))
+    fake = RecordingTrainer(trainer)
+    start, end = fake.predict(features).predictions
+    whole = decode_all(dev_rows, features["example_index"], window_offsets(features), start, end,
+                       n_best=settings.n_best_size, max_answer_length=settings.max_answer_length)
+    monkeypatch.setattr(job.evaluate, "CHUNK", 5)
+    assert decode_examples(arrow_rows, features, start, end, settings) == whole
+    scores, answers = evaluate(fake, features, arrow_rows, settings, length_sorted=False)
+    assert answers == whole and scores == squad_scores(dev_rows, whole)
+
+
+def test_evaluation_during_training_takes_the_first_examples_and_their_windows(setup, arrow_rows):
+    from job.observe.periodic_eval import first_examples
+
+    _, _, features = setup
+    rows, windows = first_examples(arrow_rows, features, 7)
+    assert [r["id"] for r in rows] == arrow_rows[:7]["id"]
+    assert windows["example_index"] == [i for i in features["example_index"] if i < 7]

@@ -17,9 +17,9 @@ PACKAGE = ROOT / "job"
 
 # bottom first; a node may import its own modules and anything on a lower layer, nothing else
 LAYERS = [
-    ["job.errors", "job.parallel", "job.recipe", "job.squad"],
+    ["job.errors", "job.parallel", "job.recipe", "job.rows", "job.squad"],
     ["job.device", "job.ranks"],
-    ["job.store"],
+    ["job.store", "job.formats"],
     ["job.evaluate"],
     ["job.observe"],
     ["job.settings", "job.preemption", "job.launch"],

@@ -57,19 +57,20 @@ def test_default_workers_are_the_usable_cpus_capped(monkeypatch):
 def test_a_full_disk_leaves_no_temporary_feature_file(tokenizer, train_rows, tmp_path, monkeypatch):
     """Each attempt that ran out of space once left its .train.parquet.<pid>.tmp: the space the next attempt needed."""
     import errno
-    from pathlib import Path
     from types import SimpleNamespace
 
-    import datasets
+    import pyarrow.parquet as pq
 
     from job.preprocess import _build
     from job.settings import load_settings
 
-    def fill_the_disk(self, path, **kwargs):
-        Path(path).write_bytes(b"PAR1" + b"\0" * 4096)  # part of the file made it, then the disk was full
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    written = pq.ParquetWriter.write_table
 
-    monkeypatch.setattr(datasets.Dataset, "to_parquet", fill_the_disk)
+    def fill_the_disk(self, table, *args, **kwargs):
+        written(self, table, *args, **kwargs)  # part of the file made it, then the disk was full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", fill_the_disk)
     settings = load_settings({"QA_MAX_LENGTH": "128", "QA_DOC_STRIDE": "48", "QA_PREPROCESS_WORKERS": "1"})
     rows = SimpleNamespace(rows=train_rows[:8])
     with pytest.raises(OSError) as info:

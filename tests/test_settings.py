@@ -138,3 +138,21 @@ def test_checkpoint_cadence_auto_is_per_device(env, cuda, expected):
 ])
 def test_bad_device_and_cadence_name_the_variable(env, needle):
     assert needle in problems(env)
+
+@pytest.mark.parametrize("env, needle", [
+    ({"QA_TRAIN_URI": "d/", "QA_TRAIN_SELECT": "latest:3"}, "QA_TRAIN_SELECT: must be all, newest:N or days:D"),
+    ({"QA_TRAIN_URI": "d/", "QA_TRAIN_SELECT": "newest:0"}, "QA_TRAIN_SELECT: must be all, newest:N or days:D"),
+    ({"QA_TRAIN_SELECT": "newest:3"}, "QA_TRAIN_SELECT: selects files of a folder or s3:// prefix"),
+    ({"QA_TRAIN_URI": "s3://bucket/train.jsonl", "QA_TRAIN_SELECT": "days:7"}, "QA_TRAIN_SELECT: selects files of a folder"),
+])
+def test_train_selection_is_checked_at_start(env, needle):
+    assert needle in problems(env)
+
+
+def test_train_selection_has_one_spelling_and_is_in_the_fingerprint():
+    from job.store.fingerprint import digest, training_inputs
+
+    s = load_settings({"QA_TRAIN_URI": "s3://bucket/drops/", "QA_TRAIN_SELECT": "NEWEST:7:key"})
+    assert s.train_select == "newest:7"
+    plain = load_settings({"QA_TRAIN_URI": "s3://bucket/drops/"})
+    assert digest(training_inputs(s, "t", "e")) != digest(training_inputs(plain, "t", "e"))

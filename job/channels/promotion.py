@@ -30,6 +30,8 @@ from job.channels.nightly import DECISION
 from job.channels.pointer import next_version, now, published_run
 from job.data import load_split
 from job.errors import DataError
+from job.publish import pinned_data
+from job.rows import SCORED, each
 from job.squad.metrics import per_example_scores
 from job.store.storage import NotFound, PreconditionFailed, RetryPolicy
 
@@ -44,7 +46,7 @@ def promote(ctx) -> None:
         _prune(ctx, channel)
         return
     rows = _eval_rows(settings, ctx.store)
-    mine = per_example_scores(rows, _predictions(ctx.store, "predictions.json", settings.run_id), settings.squad_v2)
+    mine = per_example_scores(each(rows, SCORED), _predictions(ctx.store, "predictions.json", settings.run_id), settings.squad_v2)
     policy = gate.GatePolicy(settings.gate_metric, settings.gate_min, settings.gate_max_drop)
     holders: dict[str, tuple[dict, str]] = {}  # holder run id -> (per-question scores, how they were obtained)
     for attempt in range(1, MAX_TRIES + 1):
@@ -125,25 +127,26 @@ def _settled(ctx, channel, earlier: dict | None) -> bool:
     return True
 
 
-def _holder_scores(ctx, channel, holder: dict, candidate: dict, rows: list[dict]) -> tuple[dict, str]:
+def _holder_scores(ctx, channel, holder: dict, candidate: dict, rows) -> tuple[dict, str]:
     settings = ctx.settings
     if holder.get("eval_fingerprint") == candidate["eval_fingerprint"]:
         try:
             published = _predictions(channel.store, f"{holder['run_id']}/predictions.json", holder["run_id"])
-            return per_example_scores(rows, published, settings.squad_v2), "published predictions"
+            return per_example_scores(each(rows, SCORED), published, settings.squad_v2), "published predictions"
         except DataError as exc:
             log.warning("holder predictions unusable; re-scoring its model", extra={"event": "holder_predictions_unusable",
                                                                                   "reason": str(exc)[:200]})
     from job.channels.holder import predictions
 
     rescored = predictions(settings, holder["run_id"], rows, stop=ctx.stop, local_rank=ctx.ranks.local_rank)
-    return per_example_scores(rows, rescored, settings.squad_v2), "re-scored on this run's eval set"
+    return per_example_scores(each(rows, SCORED), rescored, settings.squad_v2), "re-scored on this run's eval set"
 
 
-def _eval_rows(settings, store) -> list[dict]:
-    """This run's eval rows, loaded again, and checked to be the ones its predictions were made on."""
+def _eval_rows(settings, store):
+    """This run's eval rows (an Arrow table), loaded again from the files it pinned, and checked to be
+    the ones its predictions were made on."""
     split = load_split("eval", settings, RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds,
-                                                     settings.storage_timeout_seconds))
+                                                     settings.storage_timeout_seconds), pinned_data(store))
     record = _read_json(store, "run.json") or {}
     scored_on = (record.get("inputs") or {}).get("eval_sha256") if isinstance(record.get("inputs"), dict) else None
     if scored_on != split.sha256:

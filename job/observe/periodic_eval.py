@@ -21,16 +21,17 @@ import torch
 from transformers import TrainerCallback
 
 from job.evaluate import evaluate
+from job.rows import head
 
 SCALARS = ("exact_match", "f1")  # logged as eval_<name>: the Trainer's trackers show them as eval/<name>
 
 
-def first_examples(rows: list[dict], features, n: int):
+def first_examples(rows, features, n: int):
     """The first ``n`` examples (0 = all) and exactly their windows, in the same order."""
     if not n or n >= len(rows):
         return rows, features
-    keep = [i for i, ex in enumerate(features["example_index"]) if ex < n]
-    return rows[:n], features.select(keep)
+    keep = np.flatnonzero(features.with_format("arrow")["example_index"].to_numpy() < n)
+    return head(rows, n), features.select(keep)
 
 
 def recorded_steps(log_history: list[dict]) -> set[int]:
@@ -46,7 +47,7 @@ def eval_points(log_history: list[dict]) -> list[dict]:
 class PeriodicEval(TrainerCallback):
     """Added after the trainer exists (``attach``): it evaluates with that trainer."""
 
-    def __init__(self, every: int, rows: list[dict], features, settings):
+    def __init__(self, every: int, rows, features, settings):
         self.every, self.settings = every, settings
         self.rows, self.features = first_examples(rows, features, settings.eval_samples_during_training)
         self.trainer = None

@@ -336,6 +336,17 @@ class S3Storage:
 
         return self._call(f"list {prefix or '/'}", fetch)
 
+    def list_info(self, prefix: str) -> list[dict]:
+        """``list``, with each object's ``size``, ``etag`` and ``modified`` (seconds since the epoch), by key."""
+        def fetch():
+            out, strip = [], len(self.prefix) + 1 if self.prefix else 0
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+                out.extend({"key": obj["Key"][strip:], "size": int(obj.get("Size", 0)), "etag": str(obj.get("ETag", "")),
+                            "modified": obj["LastModified"].timestamp()} for obj in page.get("Contents", []))
+            return sorted(out, key=lambda o: o["key"])
+
+        return self._call(f"list {prefix or '/'}", fetch)
+
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 

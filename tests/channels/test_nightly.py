@@ -325,7 +325,7 @@ def test_warm_start_begins_exactly_where_the_holder_is(chain, tmp_path, monkeypa
     settings = load_settings({k: v for k, v in env.items() if k.startswith("QA_")})
     night = Night({"from": "channel", "run_id": pointer["run_id"], "warm_starts": pointer["warm_starts"] + 1})
     tokenizer, model = load_model(init_model(settings, night), settings.seed)
-    rows = load_split("eval", settings, RetryPolicy()).rows
+    rows = list(load_split("eval", settings, RetryPolicy()).rows)  # the Arrow table's rows, as dicts
     features = datasets.Dataset.from_dict(eval_features(tokenizer, rows, settings.max_length, settings.doc_stride))
     trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, tmp_path / "t", "fp32"), [])
     threads = torch.get_num_threads()
