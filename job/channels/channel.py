@@ -169,10 +169,19 @@ class Channel:
         """Replace ``current`` by ``pointer``; PreconditionFailed when someone else moved it first."""
         self.check_conditional_writes()
         raw = encode(pointer)
-        if current is None:
-            etag = self.store.put_bytes(self.key, raw, if_none_match=True)
-        else:
-            etag = self.store.put_bytes(self.key, raw, if_match=current.etag)
+        try:
+            if current is None:
+                etag = self.store.put_bytes(self.key, raw, if_none_match=True)
+            else:
+                etag = self.store.put_bytes(self.key, raw, if_match=current.etag)
+        except PreconditionFailed:
+            # A write that landed but whose reply was lost is retried by the storage layer, and the
+            # retry's condition then fails against our own write: the pointer holding our exact bytes
+            # is this move done, not a lost race (moving again would promote the same run twice).
+            now = self.read()
+            if now is None or now.raw != raw:
+                raise
+            etag = now.etag
         return Version(pointer, raw, etag)
 
     def record_history(self, version: Version) -> None:

@@ -184,15 +184,31 @@ class Lease:
         with self._renew_lock:
             if self.lost.is_set():
                 raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+            sent_at = time.monotonic()
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
-                self._renewed_at = time.monotonic()
-            except (PreconditionFailed, NotFound):
+                self._renewed_at = sent_at
+            except PreconditionFailed:
+                self._adopt_own_write(sent_at)
+            except NotFound:
                 self._lose("the lease was changed or removed by another process")
             except StorageDenied as exc:  # e.g. an expired token: we cannot prove we hold it any more
                 self._lose(f"storage refused the lease renewal ({exc})")
             if self.lost.is_set():
                 raise LeaseLost(f"QA_RUN_ID={self.run_id}: another process holds the run lease; this one writes nothing more")
+
+    def _adopt_own_write(self, sent_at: float) -> None:
+        # A write that landed but whose reply was lost (a reset, a timeout) is retried by the storage
+        # layer, and that retry's If-Match then fails against our own new etag. Only this process
+        # writes its token, so a lease still naming it is ours: take its etag, counted from the send.
+        try:
+            raw, etag = self.store.get_bytes(KEY)
+        except NotFound:
+            raw, etag = b"", None
+        if _parse(raw).get("holder") == self.token:
+            self.etag, self._renewed_at = etag, sent_at
+        else:
+            self._lose("the lease was changed or removed by another process")
 
     @property
     def fresh(self) -> bool:

@@ -5,6 +5,7 @@ pointer logic only reads those records. Storage is real: a local folder and Seaw
 """
 import json
 import threading
+import uuid
 
 import pytest
 
@@ -13,6 +14,7 @@ from job.channels.cli import main, promote
 from job.channels.pointer import next_version, published_run
 from job.errors import EXIT_CONFIG, EXIT_DATA
 from job.store.storage import LocalStorage, PreconditionFailed, RetryPolicy, open_storage
+from tests.support.s3_fixtures import s3_env
 
 
 def fake_run(store, run_id, f1=50.0, complete=True):
@@ -89,6 +91,30 @@ def test_lost_race_is_rebuilt_against_the_new_holder_and_history_stays_complete(
     assert builds == ["a", "b"]  # built again against the pointer as it was after the lost race
     assert version.pointer["seq"] == 3 and version.pointer["previous"] == "b"
     assert seqs_and_links(channel) == ["a", "b", "c"]
+
+
+def test_a_swap_that_landed_but_whose_reply_was_lost_is_one_move(seaweed, fault_proxy, monkeypatch):
+    """The storage layer's retry of a landed swap fails its condition on our own write: one move, not two."""
+    bucket, proxy = f"chan-{uuid.uuid4().hex[:10]}", fault_proxy(seaweed)
+    seaweed.client().create_bucket(Bucket=bucket)
+    for k, v in s3_env(seaweed).items():
+        monkeypatch.setenv(k, v)
+    store = open_storage(f"s3://{bucket}/out", RetryPolicy(attempts=3, backoff_seconds=0.1), proxy.endpoint)
+    for run in ("a", "b"):
+        fake_run(store, run)
+    channel = Channel(store, "production")
+    promote(channel, store, "a", "")
+    builds = []
+
+    def build(current):
+        builds.append(current["run_id"])
+        return next_version(current, "production", published_run(store, "b"), "manual", "promote", "",
+                            seq=channel.next_seq(current))
+
+    version = channel.move(build, before_swap=lambda: len(builds) == 1 and proxy.lose_next_replies(1))
+    assert proxy.resets_done == 1, "the reply was not lost: the test did not test anything"
+    assert builds == ["a"] and version.pointer["seq"] == 2 and version.etag == channel.read().etag
+    assert seqs_and_links(channel) == ["a", "b"]
 
 
 def test_a_history_entry_left_out_by_a_killed_mover_is_written_before_the_next_move(root):

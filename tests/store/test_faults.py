@@ -154,3 +154,25 @@ def test_a_store_that_refuses_conditional_writes_is_a_configuration_error(seawee
             raise AssertionError("a store refusing conditional writes was accepted")
     assert time.monotonic() - started < 1.5, "retried as if transient"
     assert seaweed.client().list_objects_v2(Bucket=bucket, Prefix="out/").get("KeyCount") == 1  # plain.json alone
+
+
+def test_a_renewal_that_landed_but_whose_reply_was_lost_keeps_the_lease(seaweed, fault_proxy, monkeypatch):
+    """The retried compare-and-swap finds the lease already moved, by this process: still held, not 'taken over'."""
+    from job.store.lease import KEY, Lease
+    from job.store.storage import RetryPolicy, open_storage
+
+    bucket, proxy = new_bucket(seaweed), fault_proxy(seaweed)
+    for k, v in s3_env(seaweed).items():
+        monkeypatch.setenv(k, v)
+    store = open_storage(f"s3://{bucket}/out", RetryPolicy(attempts=3, backoff_seconds=0.1, timeout_seconds=5), proxy.endpoint)
+    lease = Lease(store, "r", ttl_seconds=60)
+    lease.acquire()
+    before = lease.etag
+    proxy.lose_next_replies(1)
+    lease._renew()  # one renewal, as the renewal thread and ensure_held make it
+    assert proxy.resets_done == 1, "the reply was not lost: the test did not test anything"
+    assert not lease.lost.is_set()
+    assert lease.etag != before and lease.etag == store.get_bytes(KEY)[1], "the lease's own write is the one it holds"
+    lease.verify()  # and the next commit point still sees it held
+    lease.release()
+    assert not seaweed.client().list_objects_v2(Bucket=bucket, Prefix="out/").get("KeyCount")

@@ -28,7 +28,7 @@ class FaultProxy:
         self.target = (target_host, target_port)
         self._lock = threading.Lock()
         self._mode = _Mode()
-        self._reset_budget = 0
+        self._reset_budget = self._lost_replies = 0
         self._socks: set[socket.socket] = set()
         self._closed = False
         self.connections_seen = 0
@@ -44,7 +44,7 @@ class FaultProxy:
     # switches -------------------------------------------------------------------------------
     def pass_through(self) -> None:
         with self._lock:
-            self._mode, self._reset_budget = _Mode(), 0
+            self._mode, self._reset_budget, self._lost_replies = _Mode(), 0, 0
 
     def reset_next(self, n: int = 1) -> None:
         """RST the next ``n`` connections: new ones on accept, open ones on their next data."""
@@ -55,6 +55,11 @@ class FaultProxy:
         """Forward ``n`` bytes upstream per connection, then RST it (a reset mid-upload)."""
         with self._lock:
             self._mode = _Mode("reset_after_bytes", limit=n)
+
+    def lose_next_replies(self, n: int = 1) -> None:
+        """Let the next ``n`` requests reach the server, then RST instead of their reply (a write that landed, unacknowledged)."""
+        with self._lock:
+            self._lost_replies = n
 
     def latency(self, seconds: float) -> None:
         """Delay every chunk, both directions, by ``seconds``."""
@@ -81,6 +86,14 @@ class FaultProxy:
             if self._reset_budget <= 0:
                 return False
             self._reset_budget -= 1
+            self.resets_done += 1
+            return True
+
+    def _take_lost_reply(self) -> bool:
+        with self._lock:
+            if self._lost_replies <= 0:
+                return False
+            self._lost_replies -= 1
             self.resets_done += 1
             return True
 
@@ -156,6 +169,10 @@ class FaultProxy:
                 with self._lock:
                     if self._mode is not mode:
                         mode, sent = self._mode, 0
+                # an interim "100 Continue" is not the reply: the body is still to be sent after it
+                if not is_upload and not data.startswith(b"HTTP/1.1 100 ") and self._take_lost_reply():
+                    self._reset(client, upstream)  # the server has done the request; its answer never arrives
+                    return
                 if is_upload and self._take_reset():
                     self._reset(client, upstream)
                     return
