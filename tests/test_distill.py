@@ -169,3 +169,17 @@ def test_another_teacher_alpha_or_temperature_is_another_run(tmp_path, tiny_mode
         other = settings_for(tmp_path, tiny_model, **{name: value})
         assert differences(inputs, training_inputs(other, "t", "e", None, "b", "sha256:one")) == [name[3:].lower()]
     assert "teacher" not in training_inputs(base, "t", "e", None, "b")
+
+
+def test_a_channel_teacher_is_the_model_its_pointer_names(tmp_path, tiny_model):
+    from tests.support.runs import GOLD, gate, publish_run
+
+    out = tmp_path / "out"
+    publish_run(out, "big-1", GOLD)
+    for file in tiny_model.iterdir():  # the published run's model: the tiny QA model
+        shutil.copy(file, out / "big-1" / "model" / file.name)
+    assert gate(out, "big-1", "big")["decision"] == "promote"
+    settings = settings_for(tmp_path, tiny_model, QA_TEACHER_MODEL="", QA_TEACHER_CHANNEL="big", QA_OUTPUT_URI=str(out))
+    teacher = distill.resolve_teacher(settings)
+    assert teacher.name == "channel big (run big-1)" and teacher.path == str(out / "big-1" / "model")
+    assert teacher.identity == distill.resolve_teacher(settings_for(tmp_path, tiny_model)).identity  # by content
