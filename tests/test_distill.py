@@ -117,14 +117,12 @@ def test_the_collator_hands_each_window_its_own_logits(tmp_path, tiny_model, win
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory, tiny_model):
     """Folders that are not usable teachers for the tiny student."""
-    from tests.support.tiny import build_tiny_model
-
     root = tmp_path_factory.mktemp("teachers")
-    encoder = build_tiny_model(root / "encoder", qa_head=False)
-    short = root / "short"
-    shutil.copytree(tiny_model, short)
-    config = json.loads((short / "config.json").read_text())
-    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    config = json.loads((tiny_model / "config.json").read_text())
+    encoder, short = root / "encoder", root / "short"
+    for folder, change in ((encoder, {"architectures": ["DistilBertModel"]}), (short, {"max_position_embeddings": 64})):
+        shutil.copytree(tiny_model, folder)
+        (folder / "config.json").write_text(json.dumps({**config, **change}))
     other = root / "other-vocab"
     shutil.copytree(tiny_model, other)
     from transformers import AutoTokenizer
