@@ -1,10 +1,12 @@
 """A distilled run end to end (the tiny model as teacher and student): killed mid-training, then resumed on a
-fresh machine to exactly the weights and answers of a run never interrupted, the teacher's logits downloaded.
+fresh machine to exactly the weights and answers of a run never interrupted, the teacher's logits downloaded;
+and a teacher that cannot teach, refused at start with one line.
 
 (Another teacher for the same run id is refused by the run's fingerprint, as any changed setting is:
 tests/test_distill.py shows the fingerprint differs in ``teacher``; the refusal itself is the claim's.)
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,3 +56,18 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     for name in weights:
         assert torch.equal(weights[name], ref_weights[name]), name
     assert answers == ref_answers and manifest["distillation"]["logits_cache"] == "remote"
+
+
+def test_a_teacher_that_is_not_a_qa_model_is_exit_2_before_the_run_folder_is_bound(tmp_path, tiny_model):
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_model, encoder)
+    config = json.loads((encoder / "config.json").read_text())
+    (encoder / "config.json").write_text(json.dumps({**config, "architectures": ["DistilBertModel"]}))
+    env = job_env(tmp_path, tiny_model, QA_TEACHER_MODEL=str(encoder), **DISTIL)
+    refused = run_job(env)
+    assert refused.returncode == 2, refused.stderr + refused.stdout[-2000:]
+    assert refused.stderr.strip().splitlines() == [
+        f"qa-finetune: error: QA_TEACHER_MODEL={encoder}: not a question-answering model (DistilBertModel in its "
+        "config.json); the teacher must be a model fine-tuned for extractive QA (exit 2)"]
+    # nothing bound the run id to this teacher: fixed, the same QA_RUN_ID starts afresh
+    assert not (tmp_path / "out" / "test-run" / "run.json").exists() and not refused.event("features")
