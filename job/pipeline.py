@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from job import publish
+from job import distill, publish
 from job.channels import nightly, promotion
 from job.data import load_splits
 from job.device import check_device
@@ -86,12 +86,15 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     if ranks.world_size > 1:
         ctx = replace(ctx, args=_join_process_group(ctx))
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
-    night = ranks.from_rank0(lambda: nightly.plan(ctx, train_split, eval_split, base))  # skip-if-unchanged, warm start
+    # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
+    teacher = distill.resolve_teacher(settings, ranks.local_rank) if settings.distilling else None
+    taught_by = teacher.identity if teacher else None
+    night = ranks.from_rank0(lambda: nightly.plan(ctx, train_split, eval_split, base, taught_by))  # skip-if-unchanged, warm start
     if night.unchanged:
         return False
     if ctx.args is None:
         check_device(settings)  # a GPU that cannot be used as asked: exit 2 before anything is tokenized or trained
-    inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base)
+    inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base, taught_by)
     pins = {s.name: s.pin for s in (train_split, eval_split) if s.pin}
     if ranks.from_rank0(lambda: _claim(ctx, inputs, pins)):
         if ranks.is_writer:  # an earlier attempt of this very run trained and evaluated; only the upload failed
@@ -110,7 +113,13 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     # stay in this process's resident memory through the whole run
     train_split = train_split.released()
     ctx.check_stop()
-    fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs)
+    taught = None
+    if teacher is not None:  # the teacher's logits, scored once per node (or downloaded); the teacher is freed
+        taught = ranks.leaders_first(lambda: distill.prepare(settings, teacher, features, ctx.store, ranks.is_writer,
+                                                             ranks.local_rank, ctx.stop))
+        features = replace(features, train=distill.indexed(features.train))
+        ctx.check_stop()
+    fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs, taught, teacher)
     return True
 
 
@@ -136,7 +145,8 @@ def _claim(ctx: RunContext, inputs: dict, pins: dict) -> bool:
     return publish.staged_results(ctx.settings, inputs) is not None
 
 
-def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict) -> None:
+def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict,
+                               taught=None, teacher=None) -> None:
     from job.evaluate import evaluate
 
     settings, ranks = ctx.settings, ctx.ranks
@@ -144,7 +154,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     out = Path(args.output_dir)
     resume = _restore(ctx.store, out, ranks, args)
-    trainer, uploader = _trainer(ctx, tokenizer, model, features, eval_split, args, resume)
+    trainer, uploader = _trainer(ctx, tokenizer, model, features, eval_split, args, resume, taught)
     device = _device_name(not args.use_cpu)
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": device,
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
@@ -163,6 +173,9 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
             "features": {"cache_key": features.cache_key, "train_windows": len(features.train), "eval_windows": len(features.eval)},
             "precision": precision, "device": device, "world_size": ranks.world_size,
             "resumed_from_step": _step(resume),
+            **({"distillation": {"teacher": teacher.name, "teacher_identity": teacher.identity,
+                                 "alpha": settings.distill_alpha, "temperature": settings.distill_temperature,
+                                 "logits_cache": taught.cache}} if teacher and taught else {}),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
         metrics = json.loads((root / "metrics.json").read_text())
@@ -170,7 +183,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
         summary.log_summary(settings, metrics)
 
 
-def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resume: Path | None):
+def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resume: Path | None, taught=None):
     """The Trainer with the job's callbacks, and the checkpoint uploader (node leaders only, else None)."""
     from job.observe import tracking
     from job.observe.periodic_eval import PeriodicEval
@@ -190,7 +203,7 @@ def _trainer(ctx: RunContext, tokenizer, model, features, eval_split, args, resu
     callbacks = [*([tracking.RunTensorBoard(events)] if events else []),
                  ProgressLog(settings.batch_size * settings.grad_accum_steps * ranks.world_size),
                  checkpoints.CheckpointCallback(*checkpoints.cadence(settings, not args.use_cpu), ctx.stop, uploader, ctx.lease)]
-    trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks)
+    trainer = build_trainer(settings, model, tokenizer, features.train, args, callbacks, loss=taught)
     if settings.eval_steps:
         PeriodicEval(settings.eval_steps, eval_split.rows, features.eval, settings).attach(trainer)
     return trainer, uploader

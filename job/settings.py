@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     max_train_samples: PositiveInt | None = None
     max_eval_samples: PositiveInt | None = None
 
+    # distillation (README "Distillation"): a teacher's start/end distributions beside the gold spans
+    teacher_model: str | None = Field(None, description="teacher QA model: hub id, folder, run folder or s3://.../model; unset = none")
+    teacher_channel: str | None = Field(None, description="teacher = the model this channel's pointer names on QA_OUTPUT_URI")
+    distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the gold spans; 1 - alpha weighs the teacher's")
+    distill_temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the teacher's part")
+
     # windows and decoding
     max_length: int = Field(384, ge=32, le=8192)
     doc_stride: int = Field(128, ge=1)
@@ -168,7 +174,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return v
 
-    @field_validator("train_uri", "eval_uri", "output_uri")
+    @field_validator("train_uri", "eval_uri", "output_uri", "teacher_model")
     @classmethod
     def _known_scheme(cls, v: str | None) -> str | None:
         """A local path (``file://`` is accepted and dropped) or ``s3://bucket/key``, parsed by job.store.locations."""
@@ -196,7 +202,7 @@ class Settings(BaseSettings):
     def _selection(cls, v: str) -> str:
         return str(parse_selection(v))  # one spelling per choice: "NEWEST:7:key" is "newest:7"
 
-    @field_validator("channel")
+    @field_validator("channel", "teacher_channel")
     @classmethod
     def _channel_is_a_name(cls, v: str | None) -> str | None:
         return check_channel_name(v) if v is not None else v
@@ -234,6 +240,10 @@ class Settings(BaseSettings):
     @property
     def trackers(self) -> tuple[str, ...]:
         return () if self.report_to == "none" else tuple(self.report_to.split(","))
+
+    @property
+    def distilling(self) -> bool:
+        return bool(self.teacher_model or self.teacher_channel)
 
     @property
     def run_uri(self) -> str:
@@ -310,6 +320,8 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("QA_TRAIN_URI: set it or QA_DATASET")
     if s.train_select != "all" and not (s.train_uri and (s.train_uri.endswith("/") or not is_s3(s.train_uri))):
         problems.append("QA_TRAIN_SELECT: selects files of a folder or s3:// prefix ending in '/'; set QA_TRAIN_URI to one")
+    if s.teacher_model and s.teacher_channel:
+        problems.append("QA_TEACHER_CHANNEL: names the teacher as QA_TEACHER_MODEL does; set one of them")
     if s.init_from == "channel" and not s.channel:
         problems.append("QA_INIT_FROM: 'channel' needs QA_CHANNEL (the channel whose holder to start from)")
     if s.lease_seconds < 3 * s.storage_timeout_seconds / 2:

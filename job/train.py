@@ -167,6 +167,10 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         # bars only for JSON lines on a terminal: the text format has its own progress lines
         disable_tqdm=not sys.stdout.isatty() or resolve_format(settings.log_format) == "text",
         ddp_find_unused_parameters=False,
+        # distillation: the Trainer keeps only the columns the model's forward takes or labels name; each
+        # training window's index travels to the collator as a label (job.distill.WINDOW). An eval batch has
+        # none of them, so prediction is unchanged.
+        label_names=["start_positions", "end_positions", "teacher_window"] if getattr(settings, "distilling", False) else None,
     )
 
 
@@ -190,14 +194,25 @@ class _Trainer(Trainer):
         return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths)
 
 
-def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArguments, callbacks) -> Trainer:
+def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArguments, callbacks, loss=None) -> Trainer:
+    """The job's Trainer; ``loss`` (``job.distill.Distillation``) brings its own collator and loss function.
+
+    Its loss is a per-batch mean: the Trainer is told so (``loss_is_scaled_for_ga``), or with a
+    ``compute_loss_func`` it would take it for a sum over the accumulated batches and not divide
+    it by the accumulation steps.
+    """
     # pad each batch to its own longest window (bucketed on CUDA and when compiled), never to 384
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of(not args.use_cpu, args.torch_compile))
+    if loss is not None:
+        collator = loss.collator(collator)
     if args.torch_compile:
         guard_compile()  # a model that does not compile trains eager, with one speed_fallback line
         callbacks = [*callbacks, CompileStats()]
     trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                      processing_class=tokenizer, callbacks=callbacks)
+                      processing_class=tokenizer, callbacks=callbacks,
+                      compute_loss_func=loss.compute_loss if loss is not None else None)
+    if loss is not None:
+        trainer.loss_is_scaled_for_ga = False
     set_matmul_precision(bool(args.tf32))  # after the Trainer: transformers and accelerate each set TF32 their way
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog replaces it
     if args.disable_tqdm:

@@ -25,6 +25,7 @@ LAYERS = [
     ["job.settings", "job.preemption", "job.launch"],
     ["job.data", "job.preprocess", "job.train", "job.publish"],
     ["job.channels"],
+    ["job.distill"],
     ["job.pipeline", "job.answer", "job.channel"],
     ["job.__main__"],
     ["job.demo"],

@@ -37,8 +37,9 @@ class Night:
     unchanged: bool = False
 
 
-def plan(ctx, train_split, eval_split, base_model: str | None = None) -> Night:
-    """``base_model``: ``QA_MODEL_NAME`` by content (``job.store.models.model_identity``), part of the recipe."""
+def plan(ctx, train_split, eval_split, base_model: str | None = None, teacher: str | None = None) -> Night:
+    """``base_model``: ``QA_MODEL_NAME`` by content (``job.store.models.model_identity``), part of the recipe;
+    ``teacher`` too (the distillation teacher by content, or None)."""
     settings = ctx.settings
     if not settings.channel:
         return Night(dict(BASE_INIT))
@@ -52,7 +53,7 @@ def plan(ctx, train_split, eval_split, base_model: str | None = None) -> Night:
         init, why = choose_init(settings, holder)
     log.info("weights start from", extra={"event": "init", "reason": why, **init})
     if recorded is None and settings.skip_unchanged:
-        tonight = recipe(training_inputs(settings, train_split.sha256, eval_split.sha256, init, base_model))
+        tonight = recipe(training_inputs(settings, train_split.sha256, eval_split.sha256, init, base_model, teacher))
         same = same_recipe(channel, holder, tonight, settings.run_id)
         if same is not None:
             same, decided = same

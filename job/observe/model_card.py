@@ -57,6 +57,16 @@ def _dataset(split: dict, settings, name: str) -> tuple[str, str, str | None]:
     return "custom", shown, None
 
 
+def _distilled(distillation: dict | None) -> str:
+    """", distilled from <teacher> (...)" for a run trained against a teacher (``job.distill``), else ""."""
+    if not distillation:
+        return ""
+    _, teacher = base_model(str(distillation.get("teacher")))
+    return (f", distilled from {teacher} (teacher `{distillation.get('teacher_identity')}`; loss alpha "
+            f"{distillation.get('alpha')} x gold spans + (1 - alpha) x T² x KL to the teacher at temperature "
+            f"{distillation.get('temperature')})")
+
+
 def write_card(path: Path, settings, metrics: dict, context: dict) -> None:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -94,7 +104,7 @@ def _body(settings, metrics: dict, context: dict, base_prose: str, train_name: s
 # {settings.run_id}
 
 Extractive question answering model (answers are spans of the given context), fine-tuned by
-qa-finetune from {base_prose}.
+qa-finetune from {base_prose}{_distilled(context.get("distillation"))}.
 
 ## Evaluation
 

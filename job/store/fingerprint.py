@@ -61,15 +61,18 @@ def job_version() -> str:
 
 
 def training_inputs(settings, train_sha256: str, eval_sha256: str, init: dict | None = None,
-                    base_model: str | None = None) -> dict:
+                    base_model: str | None = None, teacher: str | None = None) -> dict:
     """Everything that determines the trained model and its scores, as a plain dict (for messages).
 
     ``init`` says what the weights start from (default: the base model, ``QA_MODEL_NAME``).
     ``base_model`` is what ``QA_MODEL_NAME`` is by content (``job.store.models.model_identity``):
     the name alone would take a folder replaced in place for the model it held before.
+    ``teacher``: the distillation teacher by content, the same way (its name, alpha and
+    temperature are settings); absent without one, so a plain run's inputs name no teacher.
     """
     dumped = settings.model_dump()
     return {
+        **({"teacher": teacher} if teacher else {}),
         "settings": {k: v for k, v in sorted(dumped.items()) if k not in NEUTRAL_SETTINGS},
         "base_model": base_model,
         "train_sha256": train_sha256,

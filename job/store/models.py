@@ -20,11 +20,11 @@ from job.store.storage import COMMAND_LINE_POLICY, open_storage, sha256_file
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 
 
-def model_identity(name: str) -> str:
+def model_identity(name: str, setting: str = "QA_MODEL_NAME") -> str:
     """``QA_MODEL_NAME`` by content: the sha256 of a folder's model files, or the commit a hub id resolves to.
 
     A hub id resolves to its current commit when the hub is reachable, and to the one in the local
-    cache offline (``HF_HUB_OFFLINE``), as loading the model does.
+    cache offline (``HF_HUB_OFFLINE``), as loading the model does. ``setting`` names it in errors.
     """
     path = Path(name).expanduser()
     if path.is_dir():
@@ -33,7 +33,7 @@ def model_identity(name: str) -> str:
             h.update(f"{file.name}\0{sha256_file(file)}\n".encode())
         return f"sha256:{h.hexdigest()}"
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # hub ids are "name" or "org/name"
-        raise ConfigError(f"QA_MODEL_NAME={name}: no such model directory")
+        raise ConfigError(f"{setting}={name}: no such model directory")
     try:
         from huggingface_hub import hf_hub_download
 
@@ -41,8 +41,8 @@ def model_identity(name: str) -> str:
     except Exception as exc:  # noqa: BLE001  the hub's errors, sorted as loading the model sorts them
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         if "offline" in first.lower() or "connect" in first.lower() or isinstance(exc, ConnectionError):
-            raise StorageUnavailable(f"QA_MODEL_NAME={name}: hub unreachable ({first})") from None
-        raise ConfigError(f"QA_MODEL_NAME={name}: cannot resolve it on the hub ({first})") from None
+            raise StorageUnavailable(f"{setting}={name}: hub unreachable ({first})") from None
+        raise ConfigError(f"{setting}={name}: cannot resolve it on the hub ({first})") from None
     return f"{name}@{config.parent.name}"
 
 

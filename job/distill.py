@@ -1,0 +1,269 @@
+"""Distillation: the student trained on a teacher's start/end distributions beside the gold spans.
+
+``QA_TEACHER_MODEL`` (a hub id, a local model or run folder, an ``s3://.../model`` folder: the
+forms ``job.answer --model`` takes) or ``QA_TEACHER_CHANNEL`` (the model a channel's pointer names
+on ``QA_OUTPUT_URI``). In the order a run meets them:
+
+- ``resolve_teacher``, before the run's plan and claim: the teacher is fetched, known by content
+  (part of the fingerprint) and checked: a missing teacher, one that is not a QA model, one with
+  fewer positions than ``QA_MAX_LENGTH`` or another vocabulary than the student's (the windows
+  would differ) is exit 2, before anything is tokenized or trained.
+- ``prepare``, once the features exist: the teacher scores every training window once, not every
+  epoch (length-ordered batches, ``job.evaluate.predict_logits``, the evaluation's own loop),
+  and only each window's real tokens are kept, in fp16, in one ``(tokens, 2)`` array beside the
+  features, under the verified-cache rule (``job.store.feature_cache``: a manifest with sizes and
+  sha256, written last, keyed by the feature key and the teacher's identity). A resumed run on
+  a fresh machine downloads it. The teacher is freed before the student trains.
+- ``Distillation``: the Trainer's collator and ``compute_loss_func`` (no Trainer subclass). Each
+  training window carries its index (``WINDOW``); the collator reads that window's logits from
+  the memory-mapped array (under torchrun each rank reads only its own windows) and hands them,
+  with the gold spans and the mask of real tokens, to ``job.squad.distillation``.
+"""
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from job.errors import ConfigError
+from job.store import feature_cache
+from job.store.locations import is_s3, join
+from job.store.models import fetch_model, model_identity
+
+log = logging.getLogger(__name__)
+WINDOW = "teacher_window"  # the column that takes a training window to its teacher logits
+LOGITS = "logits.npy"
+CACHE = feature_cache.Layout((LOGITS,), "teacher.json", "teacher logits")
+CACHE_VERSION = "1"  # bump when the array's layout changes
+SCORE_WINDOWS = 4096  # windows scored per call: the fp32 logits of a call are held at once, not the split's
+_FP16_MAX = 65000.0  # a logit beyond fp16's range would be stored as inf
+
+
+@dataclass(frozen=True)
+class Teacher:
+    name: str  # as the settings name it (messages, manifest, model card)
+    path: str  # what from_pretrained loads: a local folder or a hub id
+    identity: str  # by content: sha256 of the files, or hub id @ commit
+
+
+def resolve_teacher(settings, local_rank: int = 0) -> Teacher:
+    """The teacher, fetched, known by content and checked against the student; ConfigError (exit 2) if unusable."""
+    work = Path(settings.work_dir) / settings.run_id
+    if settings.teacher_channel:
+        setting = f"QA_TEACHER_CHANNEL={settings.teacher_channel}"
+        run_id = _channel_run(settings, setting)
+        uri, name = join(settings.output_uri, run_id, "model"), f"channel {settings.teacher_channel} (run {run_id})"
+    else:
+        setting = f"QA_TEACHER_MODEL={settings.teacher_model}"
+        uri = name = settings.teacher_model
+    looks_local = uri.startswith(("/", ".", "~")) or uri.count("/") > 1 or Path(uri).expanduser().is_dir()
+    if is_s3(uri) or looks_local:
+        dest = work / (f"teacher-model-{local_rank}" if local_rank else "teacher-model")
+        if is_s3(uri):
+            shutil.rmtree(dest, ignore_errors=True)
+            dest.mkdir(parents=True)
+        path = str(fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=setting))
+        identity = model_identity(path, setting.split("=")[0])
+    else:  # a hub id
+        path, identity = uri, model_identity(uri, "QA_TEACHER_MODEL")
+    check_teacher(path, setting, settings.model_name, settings.max_length)
+    log.info("distilling from a teacher", extra={"event": "teacher", "teacher": name, "identity": identity,
+                                                 "alpha": settings.distill_alpha,
+                                                 "temperature": settings.distill_temperature})
+    return Teacher(name, path, identity)
+
+
+def _channel_run(settings, setting: str) -> str:
+    from job.channels.channel import Channel, UnknownChannel
+    from job.store.storage import RetryPolicy, open_storage
+
+    policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
+    root = open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region)
+    try:
+        return Channel(root, settings.teacher_channel).require().pointer["run_id"]
+    except UnknownChannel:
+        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+
+
+def check_teacher(path: str, setting: str, student: str, max_length: int) -> None:
+    """A QA model, with room for ``max_length`` positions and the student's vocabulary; else ConfigError."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{setting}: cannot load ({(str(exc).splitlines() or ['?'])[0][:200]})") from None
+    kinds = list(getattr(config, "architectures", None) or [])
+    if not any(kind.endswith("ForQuestionAnswering") for kind in kinds):
+        raise ConfigError(f"{setting}: not a question-answering model ({', '.join(kinds) or 'no architecture'} in its "
+                          "config.json); the teacher must be a model fine-tuned for extractive QA")
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and limit < max_length:
+        raise ConfigError(f"{setting}: has {limit} positions, fewer than QA_MAX_LENGTH={max_length}; "
+                          f"use QA_MAX_LENGTH of at most {limit} or another teacher")
+    try:
+        student_vocab = AutoTokenizer.from_pretrained(student).get_vocab()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"QA_MODEL_NAME={student}: cannot load its tokenizer "
+                          f"({(str(exc).splitlines() or ['?'])[0][:200]})") from None
+    if vocab != student_vocab:
+        raise ConfigError(f"{setting}: its tokenizer's vocabulary differs from QA_MODEL_NAME={student}'s "
+                          f"({len(vocab)} against {len(student_vocab)} tokens); teacher and student must share one, "
+                          "or their windows differ")
+
+
+def cache_key(feature_key: str, teacher_identity: str) -> str:
+    return hashlib.sha256(json.dumps([CACHE_VERSION, feature_key, teacher_identity]).encode()).hexdigest()[:24]
+
+
+def prepare(settings, teacher: Teacher, features, store, is_writer: bool, local_rank: int = 0, stop=None) -> "Distillation":
+    """The teacher's logits of every training window, from the local or remote cache or scored now and cached."""
+    key = cache_key(features.cache_key, teacher.identity)
+    local = Path(settings.work_dir) / settings.run_id / "teacher" / key
+    remote = f"cache/teacher-{key}/"
+    offsets = window_offsets(features.train)
+    started, hit = time.monotonic(), "miss"
+    if feature_cache.verified(local, CACHE) and _fits(local, offsets):
+        hit = "local"
+    elif store is not None and feature_cache.download(store, remote, local, CACHE) and _fits(local, offsets):
+        hit = "remote"
+    else:
+        local.mkdir(parents=True, exist_ok=True)
+        (local / CACHE.manifest).unlink(missing_ok=True)
+        score(settings, teacher, features.train, offsets, local / LOGITS, local_rank, stop)
+        feature_cache.write_manifest(local, CACHE)
+        if store is not None and is_writer:
+            feature_cache.upload(store, local, remote, CACHE)
+    log.info("teacher logits ready", extra={"event": "teacher_logits", "cache": hit, "cache_key": key,
+                                             "windows": len(offsets) - 1, "tokens": int(offsets[-1]),
+                                             "seconds": round(time.monotonic() - started, 2)})
+    return Distillation(local / LOGITS, offsets, settings.distill_alpha, settings.distill_temperature, hit)
+
+
+def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, local_rank: int = 0, stop=None) -> None:
+    """Score every window with the teacher and write its real tokens' logits, fp16, to ``path``; then free it."""
+    import torch
+
+    from job.device import uses_cuda
+    from job.evaluate import predict_logits
+    from job.store.files import writing
+    from job.train import load_model, precision_for
+
+    tokenizer, model = load_model(teacher.path, settings.seed, settings.attention)  # fp32 weights, fp32 QA head
+    inputs = _model_inputs(train, tokenizer)
+    device = f"cuda:{local_rank}" if uses_cuda(settings) else "cpu"
+    try:
+        with writing(path) as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
+            for begin in range(0, len(inputs), SCORE_WINDOWS):
+                part = inputs.select(range(begin, min(begin + SCORE_WINDOWS, len(inputs))))
+                start, end = predict_logits(model, tokenizer, part, settings.eval_batch_size, device,
+                                            precision_for(settings), stop)
+                lengths = np.diff(offsets[begin:begin + len(part) + 1])
+                real = np.arange(start.shape[1])[None, :] < lengths[:, None]  # row by row: each window's real tokens
+                lo, hi = offsets[begin], offsets[begin + len(part)]
+                out[lo:hi, 0] = np.clip(start[real], -_FP16_MAX, _FP16_MAX)
+                out[lo:hi, 1] = np.clip(end[real], -_FP16_MAX, _FP16_MAX)
+            out.flush()
+            del out
+    finally:
+        del model  # peak memory is one model: the teacher is gone before the student trains
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _model_inputs(train, tokenizer):
+    """The windows' model inputs as the teacher takes them; segment ids derived when only the teacher has them
+    (a BERT teacher for a DistilBERT student: 0 up to the first [SEP], then 1, as BERT's tokenizer sets them)."""
+    names = [c for c in train.column_names if c in ("input_ids", "attention_mask", "token_type_ids")]
+    inputs = train.select_columns(names)
+    if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" not in names:
+        sep = tokenizer.sep_token_id
+
+        def segments(batch):
+            return {"token_type_ids": [_segments(ids, sep) for ids in batch["input_ids"]]}
+
+        inputs = inputs.map(segments, batched=True, keep_in_memory=True)
+    return inputs
+
+
+def _segments(ids: list[int], sep: int) -> list[int]:
+    first = ids.index(sep) + 1 if sep in ids else len(ids)
+    return [0] * first + [1] * (len(ids) - first)
+
+
+def window_offsets(train) -> np.ndarray:
+    """Where each training window's tokens begin in the logits array; the last entry is the total."""
+    from job.evaluate import window_lengths
+
+    return np.concatenate([[0], np.cumsum(window_lengths(train), dtype=np.int64)])
+
+
+def _fits(local: Path, offsets: np.ndarray) -> bool:
+    """A verified array of these windows' size (a cache of other windows under this key would misalign)."""
+    try:
+        logits = np.load(local / LOGITS, mmap_mode="r")
+        ok = logits.dtype == np.float16 and logits.shape == (int(offsets[-1]), 2)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        log.warning("teacher logits do not fit the windows; scoring again", extra={"event": "features_cache_invalid",
+                                                                                   "cache": CACHE.what})
+    return ok
+
+
+def indexed(train):
+    """The training windows with their index (``WINDOW``): what takes a batch's window to its logits."""
+    return train.add_column(WINDOW, np.arange(len(train), dtype=np.int64))
+
+
+class Distillation:
+    """What the Trainer needs to distil: a collator that adds each window's teacher logits, and the loss."""
+
+    def __init__(self, path: Path, offsets: np.ndarray, alpha: float, temperature: float, cache: str = "miss"):
+        self.path, self.offsets, self.alpha, self.temperature, self.cache = path, offsets, alpha, temperature, cache
+        self.logits = np.load(path, mmap_mode="r")
+
+    def collator(self, pad):
+        return _Collate(pad, self.logits, self.offsets)
+
+    def compute_loss(self, outputs, labels, num_items_in_batch=None):
+        from job.squad.distillation import distillation_loss  # torch: imported where training has begun
+
+        return distillation_loss(outputs.start_logits, outputs.end_logits, labels["start_positions"],
+                                 labels["end_positions"], labels["teacher"][..., 0], labels["teacher"][..., 1],
+                                 labels["mask"], self.alpha, self.temperature)
+
+
+class _Collate:
+    """The job's padding collator, then the gold spans, the mask and the teacher's logits moved into ``labels``
+    (the one key the Trainer hands ``compute_loss_func``); the model then computes no loss of its own.
+    Evaluation windows (no index, no labels) are only padded, as without a teacher."""
+
+    def __init__(self, pad, logits, offsets):
+        self.pad, self.logits, self.offsets = pad, logits, offsets
+
+    def __call__(self, windows: list[dict]):
+        import torch
+
+        if not windows or WINDOW not in windows[0]:
+            return self.pad(windows)
+        index = [w.pop(WINDOW) for w in windows]
+        batch = self.pad(windows)
+        width = batch["input_ids"].shape[1]
+        teacher = np.zeros((len(index), width, 2), dtype=np.float32)  # padding: masked out by the loss
+        for row, i in enumerate(index):
+            lo, hi = self.offsets[i], self.offsets[i + 1]
+            teacher[row, :hi - lo] = self.logits[lo:hi]
+        batch["labels"] = {"start_positions": batch.pop("start_positions"), "end_positions": batch.pop("end_positions"),
+                           "mask": batch["attention_mask"], "teacher": torch.from_numpy(teacher)}
+        return batch
