@@ -8,6 +8,7 @@ test data's, so the gate scores real predictions.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +33,9 @@ def eval_sha256() -> str:
     from job.data import load_split
     from job.store.storage import RetryPolicy
 
-    return load_split("eval", settings_for(Path("unused"), "x", "c"), RetryPolicy()).sha256
+    # load_split keeps its rows under the work dir: a scratch folder, never the caller's cwd
+    with tempfile.TemporaryDirectory() as scratch:
+        return load_split("eval", settings_for(Path(scratch) / "out", "x", "c"), RetryPolicy()).sha256
 
 
 def publish_run(out: Path, run_id: str, predictions: dict, recipe: str | None = None, init: dict | None = None) -> None:
