@@ -121,7 +121,7 @@ def report(args, dev_rows, teacher: dict, plain: dict, distilled: dict, wall: fl
 
     per = {r["run"]: per_example_scores(dev_rows, r["predictions"]) for r in (plain, distilled)}
     ids = sorted(per["plain"])
-    print(f"\n| model | EM | F1 | train windows x epochs | steps |\n|---|---:|---:|---:|---:|")
+    print("\n| model | EM | F1 | train windows x epochs | steps |\n|---|---:|---:|---:|---:|")
     for name, r in (("teacher: MiniLM-L6, 6 layers", teacher), ("student, plain: 3 layers", plain),
                     ("student, distilled", distilled)):
         print(f"| {name} | {r['em']:.2f} | {r['f1']:.2f} | {r['train_windows']} x {args.epochs:g} | {r['steps']} |")
@@ -134,7 +134,7 @@ def report(args, dev_rows, teacher: dict, plain: dict, distilled: dict, wall: fl
         numbers[metric] = {"mean": mean, "low": low, "high": high}
         print(f"| {metric} | {mean:+.2f} | [{low:+.2f}, {high:+.2f}] |")
     overhead = distilled["train_runtime"] / plain["train_runtime"] - 1
-    print(f"\ncost of distillation (same rows and steps, measured one after the other):\n")
+    print("\ncost of distillation (same rows and steps, measured one after the other):\n")
     print("| | plain | distilled | ratio |\n|---|---:|---:|---:|")
     print(f"| training loop, logits cached (train_runtime) | {plain['train_runtime']:.0f} s | {distilled['train_runtime']:.0f} s "
           f"| {1 + overhead:.3f} |")

@@ -227,7 +227,7 @@ def main() -> int:
 def report(results: dict[int, dict[str, dict]], eval_rows: int) -> None:
     sizes = sorted(results)
     small, large = sizes[0], sizes[-1]
-    print(f"\n| train rows | variant | peak RSS MB | peak anonymous MB | load s (CPU s) | features s (CPU s) | scratch MB | train windows |")
+    print("\n| train rows | variant | peak RSS MB | peak anonymous MB | load s (CPU s) | features s (CPU s) | scratch MB | train windows |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for rows in sizes:
         for name in ("before", "after"):

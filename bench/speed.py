@@ -340,7 +340,7 @@ def bench_eval(tokenizer, train_rows, dev_rows, args) -> None:
                 walls[name].append(wall)
                 results[name] = (scores, answers)
                 print(f"  [load {before}] {name:22s} {wall:6.1f} s, EM {scores['exact_match']:.2f}, F1 {scores['f1']:.2f}", flush=True)
-    print(f"\n| evaluation | median s | runs | positions computed | real tokens share | speed-up |")
+    print("\n| evaluation | median s | runs | positions computed | real tokens share | speed-up |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     real = sum(lengths)
     base = statistics.median(walls[names[0]])

@@ -8,7 +8,6 @@ tests/test_distill.py shows the fingerprint differs in ``teacher``; the refusal 
 import json
 import shutil
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
