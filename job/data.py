@@ -126,7 +126,7 @@ def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settin
     chosen = listing.pinned(pinned_record, uri)
     if chosen is not None:
         selection = pinned_record["select"]
-        log.info("reading the data files pinned by this run's first attempt", extra={
+        log.info("reading the data files pinned for this run (by its first attempt, or by rank 0)", extra={
             "event": "data_pinned", "split": name, "source": uri, "files": len(chosen), "select": selection})
     else:
         chosen, selection = _choose(name, uri, store, root, settings)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from job import distill, publish
 from job.channels import nightly, promotion
-from job.data import load_splits
+from job.data import Split, load_split, load_splits
 from job.device import check_device
-from job.errors import ConfigError, RunLocked, StorageUnavailable
+from job.errors import ConfigError, DataError, JobError, RunLocked, StorageUnavailable
 from job.observe import summary
 from job.preemption import StopRequest
 from job.preprocess import build_features
@@ -85,6 +85,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(ctx.store))
     if ranks.world_size > 1:
         ctx = replace(ctx, args=_join_process_group(ctx))
+        train_split, eval_split = _rank0_data(ctx, train_split, eval_split)
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
     # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
     teacher = distill.resolve_teacher(settings, ranks.local_rank) if settings.distilling else None
@@ -136,6 +137,38 @@ def _training_arguments(settings):
     from job.train import precision_for, training_arguments
 
     return training_arguments(settings, Path(settings.work_dir) / settings.run_id / "trainer", precision_for(settings))
+
+
+def _rank0_data(ctx: RunContext, *splits: Split) -> tuple[Split, ...]:
+    """The splits as rank 0 read them, on every rank.
+
+    A retry reads the files run.json pins; a first attempt lists a folder or prefix on every
+    rank, and a file landing between two ranks' listings would train them on different rows under
+    a fingerprint and a pin that name rank 0's. A rank whose split differs by content reads rank
+    0's files (its pin) instead. A split read from one file that differs (another file at the same
+    path on another node) has no listing to follow: a data error, raised on every rank at once.
+    """
+    ranks, settings = ctx.ranks, ctx.settings
+    theirs = ranks.from_rank0(lambda: {s.name: (s.sha256, s.pin) for s in splits})
+    agreed, problem = [], None
+    try:
+        for split in splits:
+            sha256, pin = theirs[split.name]
+            if split.sha256 != sha256:
+                if pin is None:
+                    raise DataError(f"{split.source}: rank {ranks.rank} read other {split.name} data than rank 0 (sha256 "
+                                    f"{split.sha256[:12]} against {sha256[:12]}); every node must read the same data")
+                log.warning("this rank listed other data files than rank 0; reading rank 0's", extra={
+                    "event": "data_from_rank0", "split": split.name, "source": split.source, "files": len(split.files),
+                    "rank0_files": len(pin["files"])})
+                split = load_split(split.name, settings, _policy(settings), {split.name: pin})
+            agreed.append(split)
+    except JobError as exc:
+        problem = exc
+    if ranks.any_of(problem is not None):  # together: a rank that left alone would keep the others waiting
+        raise problem or DataError("another rank read other data than rank 0 (see its log); every node must read "
+                                   "the same data")
+    return tuple(agreed)
 
 
 def _claim(ctx: RunContext, inputs: dict, pins: dict) -> bool:

@@ -2,7 +2,8 @@
 
 Also the paths where one process sees something the others do not, which must never leave a rank
 waiting in a collective for one that went elsewhere: a channel night re-scoring its holder on
-rank 0 alone, node 0's staged results on a rerun, a SIGTERM that reaches one node only.
+rank 0 alone, node 0's staged results on a rerun, a SIGTERM that reaches one node only, data that
+changed between two nodes' reads.
 """
 import json
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 
-from tests.support.jobrun import RunningJob, job_env, run_job
+from tests.support.jobrun import DATA, RunningJob, job_env, run_job
 from tests.support.s3_fixtures import s3_env
 
 LAUNCH = ("--nproc_per_node=2", "--standalone")
@@ -195,3 +196,58 @@ def test_one_node_stopped_then_node_0_lost_at_completion_resumes_and_publishes_e
     assert rerun[0].event("publish_staged") and not any(r.event("train_start") for r in rerun)
     a = weights(bucket, "two-nodes-term")
     assert all(torch.equal(a[k], two_node_reference[k]) for k in a)
+
+
+
+def node_1_reads_late(tmp_path, tiny_model, hook: str, change, **settings) -> list:
+    """Two nodes on a first attempt; node 1 waits at ``hook`` (before it reads the data) until node 0
+    read both splits and ``change()`` altered the data. Both nodes' results."""
+    meet = tmp_path / "meet"
+    env = job_env(tmp_path, tiny_model, QA_MAX_STEPS="2", QA_BATCH_SIZE="2", QA_CHECKPOINT_STEPS="100",
+                  KILLER_MEET_DIR=str(meet), **settings)
+    port = free_port()
+    jobs = []
+    for node, spec in ((0, ()), (1, ("--entry", "tests.support.killer", f"meet:{hook}@1=2"))):
+        args = ("--nnodes=2", "--nproc_per_node=1", f"--node_rank={node}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", *spec)
+        jobs.append(RunningJob({**env, "QA_WORK_DIR": str(tmp_path / f"node{node}")}, module="job.launch", args=args))
+    try:
+        jobs[0].wait_for("data", where=lambda e: e["split"] == "eval")  # read after train
+        change()
+        meet.mkdir(exist_ok=True)
+        (meet / "test").touch()  # the second party node 1 waits for: it reads the data now
+    finally:
+        done = [job.finish(timeout=300) for job in jobs]
+    return done
+
+
+def test_a_file_landing_between_the_nodes_listings_trains_both_on_rank_0s_files(tmp_path, tiny_model):
+    """On a first attempt each node lists the data folder itself; a file that lands between node 0's
+    listing and node 1's must not give node 1 other training data than the files run.json pins."""
+    rows = (DATA / "squad_v1_train_64.jsonl").read_text().splitlines(keepends=True)
+    folder = tmp_path / "train"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(rows[:16]))
+    done = node_1_reads_late(tmp_path, tiny_model, "data_list", lambda: (folder / "b.jsonl").write_text("".join(rows[16:32])),
+                             QA_RUN_ID="late-file", QA_TRAIN_URI=f"{folder}/")
+    assert [r.returncode for r in done] == [0, 0], [r.stderr[-2000:] for r in done]
+
+    assert [e["files"] for e in done[1].event("data") if e["split"] == "train"][0] == 2  # it did see the late file
+    assert done[1].event("data_from_rank0") and not done[0].event("data_from_rank0")
+    keys = [{e["cache_key"] for e in r.event("features")} for r in done]
+    assert keys[0] == keys[1] and len(keys[0]) == 1, keys  # the same windows: the same rows, tokenized alike
+    pinned = json.loads((tmp_path / "out" / "late-file" / "run.json").read_text())["data_files"]["train"]["files"]
+    assert [f["key"] for f in pinned] == ["a.jsonl"]
+
+
+def test_a_data_file_that_differs_between_nodes_is_a_data_error_not_two_trainings(tmp_path, tiny_model):
+    """One file, no listing to follow: node 1 reading other eval rows than node 0 ends the run, exit 3."""
+    rows = (DATA / "squad_v1_dev_32.jsonl").read_text().splitlines(keepends=True)
+    eval_file = tmp_path / "dev.jsonl"
+    eval_file.write_text("".join(rows[:16]))
+    done = node_1_reads_late(tmp_path, tiny_model, "data_fetch", lambda: eval_file.write_text("".join(rows[16:])),
+                             QA_RUN_ID="other-eval", QA_EVAL_URI=str(eval_file))
+    assert [r.returncode for r in done] == [3, 3], [r.stderr[-2000:] for r in done]
+    assert f"{eval_file}: rank 1 read other eval data than rank 0" in done[1].stderr
+    assert "another rank read other data than rank 0" in done[0].stderr
+    assert not any(r.event("train_start") for r in done)

@@ -9,7 +9,8 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; and the promotion steps: promote (entered after COMPLETE), pointer_read (after a
+evaluate, stage, data_list (before a folder or prefix is listed), data_fetch
+(before a single data file is fetched); and the promotion steps: promote (entered after COMPLETE), pointer_read (after a
 channel pointer is read), decided (after promotion.json is written, before the pointer moves),
 pointer_write (after the pointer moved, before its history entry). The job itself is
 unmodified: only these functions are wrapped.
@@ -48,6 +49,7 @@ def install(actions) -> None:
 
     import job.channels.channel
     import job.channels.promotion
+    import job.data
     import job.evaluate
     import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
     import job.publish
@@ -97,6 +99,8 @@ def install(actions) -> None:
     wrap(job.train, "train", "train_end", before=False)  # the pipeline imports both where training starts
     wrap(job.evaluate, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
+    wrap(job.data, "_choose", "data_list")
+    wrap(job.data, "fetch", "data_fetch")
     wrap(job.channels.promotion, "promote", "promote")
     wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
     wrap(job.channels.promotion, "write_decision", "decided", before=False)
