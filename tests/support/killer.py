@@ -9,11 +9,11 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage, data_list (before a folder or prefix is listed), data_fetch
-(before a single data file is fetched); and the promotion steps: promote (entered after COMPLETE), pointer_read (after a
-channel pointer is read), decided (after promotion.json is written, before the pointer moves),
-pointer_write (after the pointer moved, before its history entry). The job itself is
-unmodified: only these functions are wrapped.
+evaluate, stage; data_list (before a data folder or prefix is listed) and data_fetch (before a
+single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
+pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
+the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
+itself is unmodified: only these functions are wrapped.
 """
 from __future__ import annotations
 
