@@ -71,9 +71,9 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
 def train_evaluate_publish(ctx: RunContext) -> bool:
     """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn.
 
-    Under torchrun every decision one process takes for all is rank 0's (``job.ranks``): the
-    night's plan, the run folder's claim and whether results staged in rank 0's work dir are
-    published instead of training again. A rank that decided on its own would go elsewhere and
+    Under torchrun every decision one process takes for all is rank 0's (``job.ranks``): the data
+    read (``_rank0_data``), the night's plan, the run folder's claim and whether results staged in
+    rank 0's work dir are published instead of training again. A rank that decided on its own would go elsewhere and
     leave the others waiting in a collective.
 
     ``QA_DEVICE`` is checked after the data (a bad row ends the run before torch loads) and, in
