@@ -7,7 +7,9 @@ on ``QA_OUTPUT_URI``). In the order a run meets them:
 - ``resolve_teacher``, before the run's plan and claim: the teacher is fetched, known by content
   (part of the fingerprint) and checked: a missing teacher, one that is not a QA model, one with
   fewer positions than ``QA_MAX_LENGTH`` or another vocabulary than the student's (the windows
-  would differ) is exit 2, before anything is tokenized or trained.
+  would differ) is exit 2, before anything is tokenized or trained. A channel's run is read by
+  rank 0 for every rank and pinned in run.json: a retry learns from the same run, wherever the
+  channel has moved since.
 - ``prepare``, once the features exist: the teacher scores every training window once, not every
   epoch (length-ordered batches, ``job.evaluate.predict_logits``, the evaluation's own loop),
   and only each window's real tokens are kept, in fp16, in one ``(tokens, 2)`` array beside the
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import ConfigError
+from job.ranks import Ranks
 from job.store import feature_cache
 from job.store.locations import is_s3, join
 from job.store.models import fetch_model, model_identity
@@ -51,33 +54,47 @@ class Teacher:
     name: str  # as the settings name it (messages, manifest, model card)
     path: str  # what from_pretrained loads: a local folder or a hub id
     identity: str  # by content: sha256 of the files, or hub id @ commit
+    run: str | None = None  # the run a QA_TEACHER_CHANNEL named: pinned in run.json for retries
 
 
-def resolve_teacher(settings, local_rank: int = 0) -> Teacher:
-    """The teacher, fetched, known by content and checked against the student; ConfigError (exit 2) if unusable."""
+def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = None) -> Teacher:
+    """The teacher, fetched, known by content and checked against the student; ConfigError (exit 2) if unusable.
+
+    ``pinned_run``: the channel's run this run's first attempt learned from (``publish.pinned_teacher``).
+    """
     work = Path(settings.work_dir) / settings.run_id
+    run_id = None
     if settings.teacher_channel:
         setting = f"QA_TEACHER_CHANNEL={settings.teacher_channel}"
-        run_id = _channel_run(settings, setting)
+        # one pointer read for all ranks: a channel moving between two ranks' reads would give them two teachers
+        run_id = pinned_run or ranks.from_rank0(lambda: _channel_run(settings, setting))
         uri, name = join(settings.output_uri, run_id, "model"), f"channel {settings.teacher_channel} (run {run_id})"
+        if pinned_run:
+            setting += f" (run {run_id}, pinned by this run's first attempt)"
     else:
         setting = f"QA_TEACHER_MODEL={settings.teacher_model}"
         uri = name = settings.teacher_model
     looks_local = uri.startswith(("/", ".", "~")) or uri.count("/") > 1 or Path(uri).expanduser().is_dir()
     if is_s3(uri) or looks_local:
-        dest = work / (f"teacher-model-{local_rank}" if local_rank else "teacher-model")
+        dest = work / (f"teacher-model-{ranks.local_rank}" if ranks.local_rank else "teacher-model")
         if is_s3(uri):
             shutil.rmtree(dest, ignore_errors=True)
             dest.mkdir(parents=True)
-        path = str(fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=setting))
+        try:
+            path = str(fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=setting))
+        except ConfigError as exc:
+            if not pinned_run:
+                raise
+            raise ConfigError(f"{exc}; retention or a person removed it since: start over with a new QA_RUN_ID") from None
         identity = model_identity(path, setting.split("=")[0])
     else:  # a hub id
         path, identity = uri, model_identity(uri, "QA_TEACHER_MODEL")
     check_teacher(path, setting, settings.model_name, settings.max_length)
     log.info("distilling from a teacher", extra={"event": "teacher", "teacher": name, "identity": identity,
                                                  "alpha": settings.distill_alpha,
-                                                 "temperature": settings.distill_temperature})
-    return Teacher(name, path, identity)
+                                                 "temperature": settings.distill_temperature,
+                                                 **({"run": run_id, "pinned": bool(pinned_run)} if run_id else {})})
+    return Teacher(name, path, identity, run_id)
 
 
 def _channel_run(settings, setting: str) -> str:

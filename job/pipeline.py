@@ -88,7 +88,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
         train_split, eval_split = _rank0_data(ctx, train_split, eval_split)
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
     # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
-    teacher = distill.resolve_teacher(settings, ranks.local_rank) if settings.distilling else None
+    teacher = distill.resolve_teacher(settings, ranks, publish.pinned_teacher(ctx.store)) if settings.distilling else None
     taught_by = teacher.identity if teacher else None
     night = ranks.from_rank0(lambda: nightly.plan(ctx, train_split, eval_split, base, taught_by))  # skip-if-unchanged, warm start
     if night.unchanged:
@@ -97,7 +97,7 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
         check_device(settings)  # a GPU that cannot be used as asked: exit 2 before anything is tokenized or trained
     inputs = training_inputs(settings, train_split.sha256, eval_split.sha256, night.init, base, taught_by)
     pins = {s.name: s.pin for s in (train_split, eval_split) if s.pin}
-    if ranks.from_rank0(lambda: _claim(ctx, inputs, pins)):
+    if ranks.from_rank0(lambda: _claim(ctx, inputs, pins, teacher.run if teacher else None)):
         if ranks.is_writer:  # an earlier attempt of this very run trained and evaluated; only the upload failed
             publish.publish_staged(publish.staging_dir(settings), ctx.store, ctx.stop)
         return True
@@ -171,10 +171,10 @@ def _rank0_data(ctx: RunContext, *splits: Split) -> tuple[Split, ...]:
     return tuple(agreed)
 
 
-def _claim(ctx: RunContext, inputs: dict, pins: dict) -> bool:
-    """On rank 0: bind the run folder to these inputs (and pin the data files read); True when this work dir
-    holds their staged results."""
-    publish.claim_run_folder(ctx.store, ctx.settings, inputs, pins)
+def _claim(ctx: RunContext, inputs: dict, pins: dict, teacher_run: str | None) -> bool:
+    """On rank 0: bind the run folder to these inputs (and pin the data files read and a channel teacher's run);
+    True when this work dir holds their staged results."""
+    publish.claim_run_folder(ctx.store, ctx.settings, inputs, pins, teacher_run)
     return publish.staged_results(ctx.settings, inputs) is not None
 
 

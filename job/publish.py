@@ -17,12 +17,14 @@ from job.errors import ConfigError
 from job.observe import curves, model_card
 from job.observe.redaction import redact
 from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
+from job.store.locations import is_run_id
 from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
 log = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"
 RUN_RECORD = "run.json"  # what started this run folder: a rerun under the same run id must match it
 DATA_FILES = "data_files"  # run.json's key for the files each split read from a prefix (pinned for retries)
+TEACHER_RUN = "teacher_run"  # run.json's key for the run a QA_TEACHER_CHANNEL named (pinned for retries)
 STAGED = ".staged"  # local only: the staging folder is whole
 BINDING = ".binding.json"  # local only: which inputs and which destination the staged results belong to
 _PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings")
@@ -50,13 +52,16 @@ def versions() -> dict[str, str]:
     return out
 
 
-def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | None = None) -> None:
+def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | None = None,
+                     teacher_run: str | None = None) -> None:
     """Record what this run is; refuse to continue a run folder that another configuration started.
 
     Checkpoints under ``<output>/<run_id>/`` are resumed by step count: resuming them with other
     data or another learning rate would silently train a model nobody asked for. ``data_files``
-    (``job.data.Split.pin`` of each split read from a prefix) is kept as the first attempt wrote
-    it: a retry reads exactly those files (``pinned_data``).
+    (``job.data.Split.pin`` of each split read from a prefix) and ``teacher_run`` (the run a
+    teacher channel named) are kept as the first attempt wrote them: a retry reads exactly those
+    files and learns from that teacher (``pinned_data``, ``pinned_teacher``), wherever the prefix
+    or the channel has moved since.
     """
     # recipe and eval fingerprint: what a channel compares (skip-if-unchanged, re-scoring the holder)
     record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "recipe": recipe(inputs),
@@ -64,6 +69,8 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if data_files:
         record[DATA_FILES] = data_files
+    if teacher_run:
+        record[TEACHER_RUN] = teacher_run
     try:
         store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)
         return
@@ -84,12 +91,23 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
 
 def pinned_data(store: Storage) -> dict | None:
     """``{split: pin}`` recorded by this run's first attempt (``job.store.listing.pinned`` checks each), or None."""
+    pins = _recorded(store).get(DATA_FILES)
+    return pins if isinstance(pins, dict) else None
+
+
+def pinned_teacher(store: Storage) -> str | None:
+    """The teacher channel's run this run's first attempt learned from, or None (none recorded, or not a run id)."""
+    run = _recorded(store).get(TEACHER_RUN)
+    return run if is_run_id(run) else None
+
+
+def _recorded(store: Storage) -> dict:
+    """run.json as a dict; empty when there is none yet or it is not a JSON object (the claim names that)."""
     try:
         record = json.loads(store.get_bytes(RUN_RECORD)[0])
     except (NotFound, ValueError, UnicodeDecodeError):
-        return None
-    pins = record.get(DATA_FILES) if isinstance(record, dict) else None
-    return pins if isinstance(pins, dict) else None
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,

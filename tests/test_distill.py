@@ -181,3 +181,14 @@ def test_a_channel_teacher_is_the_model_its_pointer_names(tmp_path, tiny_model):
     teacher = distill.resolve_teacher(settings)
     assert teacher.name == "channel big (run big-1)" and teacher.path == str(out / "big-1" / "model")
     assert teacher.identity == distill.resolve_teacher(settings_for(tmp_path, tiny_model)).identity  # by content
+    assert teacher.run == "big-1"
+
+    # a retry learns from the run its first attempt pinned, wherever the pointer is; once that run's
+    # model is gone the retry stops, naming it
+    shutil.copytree(out / "big-1", out / "big-0")
+    assert distill.resolve_teacher(settings, pinned_run="big-0").path == str(out / "big-0" / "model")
+    shutil.rmtree(out / "big-0" / "model")
+    with pytest.raises(ConfigError) as err:
+        distill.resolve_teacher(settings, pinned_run="big-0")
+    assert str(err.value).startswith("QA_TEACHER_CHANNEL=big (run big-0, pinned by this run's first attempt): ")
+    assert str(err.value).endswith("start over with a new QA_RUN_ID")

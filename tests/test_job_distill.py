@@ -1,6 +1,6 @@
 """A distilled run end to end (the tiny model as teacher and student): killed mid-training, then resumed on a
-fresh machine to exactly the weights and answers of a run never interrupted, the teacher's logits downloaded;
-and a teacher that cannot teach, refused at start with one line.
+fresh machine to exactly the weights and answers of a run never interrupted, the teacher's logits downloaded,
+with the teacher's channel moved in between; and a teacher that cannot teach, refused at start with one line.
 
 (Another teacher for the same run id is refused by the run's fingerprint, as any changed setting is:
 tests/test_distill.py shows the fingerprint differs in ``teacher``; the refusal itself is the claim's.)
@@ -9,7 +9,7 @@ import json
 import shutil
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.support.jobrun import job_env, run_job
 
@@ -25,14 +25,32 @@ def published(out, run_id):
             json.loads((folder / "manifest.json").read_text()))
 
 
+def teacher_run(out, run_id, model, nudge=0.0):
+    """A published run holding ``model`` (its weights moved by ``nudge``: another model by content)."""
+    from tests.support.runs import GOLD, publish_run
+
+    publish_run(out, run_id, GOLD)
+    for file in model.iterdir():
+        shutil.copy(file, out / run_id / "model" / file.name)
+    weights = out / run_id / "model" / "model.safetensors"
+    save_file({k: v + nudge if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}, str(weights))
+
+
 def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
+    """The resumed run's teacher is a channel's (the tiny model, by content the reference's teacher); the
+    channel moves to another model while the run is down, and the retry keeps the teacher it started with."""
+    from tests.support.runs import operator
+
     out = tmp_path / "out"
+    teacher_run(out, "teacher-1", tiny_model)
+    teacher_run(out, "teacher-2", tiny_model, nudge=0.01)
+    assert operator(out, "promote", "--channel", "teachers", "--run", "teacher-1") == 0
 
-    def env(run_id, work):
+    def env(run_id, work, **teacher):
         return job_env(tmp_path, tiny_model, QA_RUN_ID=run_id, QA_OUTPUT_URI=str(out), QA_WORK_DIR=str(tmp_path / work),
-                       QA_TEACHER_MODEL=str(tiny_model), **DISTIL)
+                       **(teacher or {"QA_TEACHER_CHANNEL": "teachers"}), **DISTIL)
 
-    reference = run_job(env("reference", "work-ref"))
+    reference = run_job(env("reference", "work-ref", QA_TEACHER_MODEL=str(tiny_model)))
     assert reference.returncode == 0, reference.stderr + reference.stdout[-3000:]
     assert reference.event("teacher_logits")[0]["cache"] == "miss"
     ref_weights, ref_answers, ref_manifest = published(out, "reference")
@@ -44,10 +62,14 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     assert killed.returncode == -9, killed.stderr + killed.stdout[-2000:]
     committed = {int(p.parent.name.split("-")[1]) for p in (out / "resumed" / "checkpoints").glob("*/COMMIT.json")}
     assert committed and not (out / "resumed" / "model").exists()
+    assert killed.event("teacher")[0]["run"] == "teacher-1"
+    assert operator(out, "promote", "--channel", "teachers", "--run", "teacher-2") == 0
 
-    # a fresh machine: the checkpoint, the features and the teacher's logits come from storage
+    # a fresh machine: the checkpoint, the features and the teacher's logits come from storage; the teacher
+    # is the run the first attempt pinned, not the channel's new holder
     rerun = run_job(env("resumed", "work-3"))
     assert rerun.returncode == 0, rerun.stderr + rerun.stdout[-3000:]
+    assert rerun.event("teacher")[0]["run"] == "teacher-1" and rerun.event("teacher")[0]["pinned"]
     assert rerun.event("resume")[0]["step"] in committed
     assert rerun.event("teacher_logits")[0]["cache"] == "remote"
     weights, answers, manifest = published(out, "resumed")
