@@ -73,8 +73,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
 
     Under torchrun every decision one process takes for all is rank 0's (``job.ranks``): the data
     read (``_rank0_data``), the night's plan, the run folder's claim and whether results staged in
-    rank 0's work dir are published instead of training again. A rank that decided on its own would go elsewhere and
-    leave the others waiting in a collective.
+    rank 0's work dir are published instead of training again. A rank that decided on its own would
+    go elsewhere and leave the others waiting in a collective.
 
     ``QA_DEVICE`` is checked after the data (a bad row ends the run before torch loads) and, in
     one process, after the night's plan (so does a night with nothing new); under torchrun before
@@ -82,13 +82,14 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     """
     settings, ranks = ctx.settings, ctx.ranks
     # a retry reads the very files its first attempt read, whatever landed under the prefix since
-    train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(ctx.store))
+    record = publish.run_record(ctx.store)  # an earlier attempt's: the data files and teacher run it pinned
+    train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(record))
     if ranks.world_size > 1:
         ctx = replace(ctx, args=_join_process_group(ctx))
         train_split, eval_split = _rank0_data(ctx, train_split, eval_split)
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
     # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
-    teacher = distill.resolve_teacher(settings, ranks, publish.pinned_teacher(ctx.store)) if settings.distilling else None
+    teacher = distill.resolve_teacher(settings, ranks, publish.pinned_teacher(record)) if settings.distilling else None
     taught_by = teacher.identity if teacher else None
     night = ranks.from_rank0(lambda: nightly.plan(ctx, train_split, eval_split, base, taught_by))  # skip-if-unchanged, warm start
     if night.unchanged:

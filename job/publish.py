@@ -89,19 +89,20 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
                           "or delete that folder to start over")
 
 
-def pinned_data(store: Storage) -> dict | None:
-    """``{split: pin}`` recorded by this run's first attempt (``job.store.listing.pinned`` checks each), or None."""
-    pins = _recorded(store).get(DATA_FILES)
+def pinned_data(record: dict) -> dict | None:
+    """``{split: pin}`` a run record (``run_record``) keeps from its first attempt (``job.store.listing.pinned``
+    checks each), or None."""
+    pins = record.get(DATA_FILES)
     return pins if isinstance(pins, dict) else None
 
 
-def pinned_teacher(store: Storage) -> str | None:
-    """The teacher channel's run this run's first attempt learned from, or None (none recorded, or not a run id)."""
-    run = _recorded(store).get(TEACHER_RUN)
+def pinned_teacher(record: dict) -> str | None:
+    """The teacher channel's run a run record keeps from its first attempt, or None (none, or not a run id)."""
+    run = record.get(TEACHER_RUN)
     return run if is_run_id(run) else None
 
 
-def _recorded(store: Storage) -> dict:
+def run_record(store: Storage) -> dict:
     """run.json as a dict; empty when there is none yet or it is not a JSON object (the claim names that)."""
     try:
         record = json.loads(store.get_bytes(RUN_RECORD)[0])

@@ -23,7 +23,7 @@ from pathlib import Path
 from job.channels.channel import Channel, open_channel
 from job.channels.pointer import now
 from job.errors import ConfigError
-from job.publish import RUN_RECORD
+from job.publish import run_record
 from job.store.fingerprint import BASE_INIT, recipe, training_inputs
 from job.store.storage import NotFound
 
@@ -134,9 +134,6 @@ def init_model(settings, night: Night, local_rank: int = 0, store=None) -> str:
 
 def _recorded_init(store) -> dict | None:
     """The ``init`` an earlier attempt of this run recorded in its run.json, if any."""
-    try:
-        record = json.loads(store.get_bytes(RUN_RECORD)[0])
-    except (NotFound, ValueError, UnicodeDecodeError):
-        return None
-    init = record.get("inputs", {}).get("init") if isinstance(record, dict) and isinstance(record.get("inputs"), dict) else None
+    record = run_record(store)
+    init = record["inputs"].get("init") if isinstance(record.get("inputs"), dict) else None
     return init if isinstance(init, dict) and init.get("from") in ("base", "channel") else None

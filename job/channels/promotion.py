@@ -30,7 +30,7 @@ from job.channels.nightly import DECISION
 from job.channels.pointer import next_version, now, published_run
 from job.data import load_split
 from job.errors import DataError
-from job.publish import pinned_data
+from job.publish import pinned_data, run_record
 from job.rows import SCORED, each
 from job.squad.metrics import per_example_scores
 from job.store.storage import NotFound, PreconditionFailed, RetryPolicy
@@ -145,9 +145,9 @@ def _holder_scores(ctx, channel, holder: dict, candidate: dict, rows) -> tuple[d
 def _eval_rows(settings, store):
     """This run's eval rows (an Arrow table), loaded again from the files it pinned, and checked to be
     the ones its predictions were made on."""
+    record = run_record(store)
     split = load_split("eval", settings, RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds,
-                                                     settings.storage_timeout_seconds), pinned_data(store))
-    record = _read_json(store, "run.json") or {}
+                                                     settings.storage_timeout_seconds), pinned_data(record))
     scored_on = (record.get("inputs") or {}).get("eval_sha256") if isinstance(record.get("inputs"), dict) else None
     if scored_on != split.sha256:
         raise DataError(f"QA_EVAL_URI={settings.eval_uri or settings.dataset}: the eval data changed since run "
