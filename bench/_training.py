@@ -115,9 +115,9 @@ def tutorial_trainer(model, tokenizer, train_dataset, out: Path, steps: int, bat
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=default_data_collator,
                       callbacks=list(callbacks))
     trainer.remove_callback(PrinterCallback)
-    from job.recipe import set_matmul_precision
+    from job.runtime.recipe import set_matmul_precision
 
-    set_matmul_precision(False)  # the one consistent way, as the job sets it (job/recipe.py)
+    set_matmul_precision(False)  # the one consistent way, as the job sets it (job/runtime/recipe.py)
     return trainer
 
 

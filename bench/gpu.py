@@ -221,7 +221,7 @@ def main() -> int:
     datasets.disable_progress_bars()
     from job.evaluate import evaluate
     from job.preprocess import feature_dataset, preprocess_workers
-    from job.recipe import pad_to_multiple_of
+    from job.runtime.recipe import pad_to_multiple_of
     from job.settings import load_settings
     from job.train import compile_stats, load_model, resolve_precision
 

@@ -9,7 +9,7 @@ import traceback
 
 from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_UNEXPECTED, JobError
 from job.observe.console import print_error
-from job.preemption import StopRequest, exit_now
+from job.runtime.preemption import StopRequest, exit_now
 
 
 def main(environ=None) -> int:
@@ -24,7 +24,7 @@ def main(environ=None) -> int:
 
     # First thing, before the slow imports: a signal at any moment becomes a stop request, never
     # a KeyboardInterrupt or a silent death, and a stuck stop still ends with our own exit code.
-    stop = StopRequest(on_deadline=lambda s: exit_now(s, report)).install()
+    stop = StopRequest(on_deadline=lambda s: exit_now(s, report, print_error)).install()
     return report(_run(environ, stop))
 
 

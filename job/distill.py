@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from job.errors import ConfigError
-from job.ranks import Ranks
+from job.runtime.ranks import Ranks
 from job.store import feature_cache
 from job.store.locations import is_s3, join
 from job.store.models import fetch_model, model_identity
@@ -169,7 +169,7 @@ def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, lo
     """Score every window with the teacher and write its real tokens' logits, fp16, to ``path``; then free it."""
     import torch
 
-    from job.device import uses_cuda
+    from job.runtime.device import uses_cuda
     from job.evaluate import predict_logits
     from job.store.files import writing
     from job.train import load_model, precision_for

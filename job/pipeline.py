@@ -12,12 +12,12 @@ from pathlib import Path
 from job import distill, publish
 from job.channels import nightly, promotion
 from job.data import Split, load_split, load_splits
-from job.device import check_device
+from job.runtime.device import check_device
 from job.errors import ConfigError, DataError, JobError, RunLocked, StorageUnavailable
 from job.observe import summary
-from job.preemption import StopRequest
+from job.runtime.preemption import StopRequest
 from job.preprocess import build_features
-from job.ranks import Ranks
+from job.runtime.ranks import Ranks
 from job.settings import Settings
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
@@ -71,7 +71,7 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
 def train_evaluate_publish(ctx: RunContext) -> bool:
     """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn.
 
-    Under torchrun every decision one process takes for all is rank 0's (``job.ranks``): the data
+    Under torchrun every decision one process takes for all is rank 0's (``job.runtime.ranks``): the data
     read (``_rank0_data``), the night's plan, the run folder's claim and whether results staged in
     rank 0's work dir are published instead of training again. A rank that decided on its own would
     go elsewhere and leave the others waiting in a collective.

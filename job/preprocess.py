@@ -2,7 +2,7 @@
 
 The windows and labels themselves are ``job.squad.features`` (pure). Here they are computed
 ``job.squad.features.CHUNK`` rows at a time, read from the split's memory-mapped rows, by forked
-worker processes (``job.parallel``), each chunk turned into an Arrow table where it was computed
+worker processes (``job.runtime.parallel``), each chunk turned into an Arrow table where it was computed
 and appended to the split's Parquet file as it comes (``write_features``: never a whole split's
 features in memory), and the two splits cached in the run's storage (``job.store.feature_cache``):
 a resumed run on a fresh machine downloads them instead of tokenizing again.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from job import recipe
+from job.runtime import recipe
 from job.errors import DataError
-from job.parallel import map_chunks
+from job.runtime.parallel import map_chunks
 from job.rows import chunk
 from job.squad import features
 from job.store import feature_cache

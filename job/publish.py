@@ -165,7 +165,7 @@ def staged_results(settings, inputs: dict) -> Path | None:
     Staged results count only for the inputs and the destination they were produced for: a run
     folder deleted and rerun with another learning rate, other data or another QA_OUTPUT_URI
     trains afresh, and the stale staging is removed. Under torchrun only rank 0 stages, so only
-    rank 0 asks (``job.ranks.Ranks.from_rank0``): another node's work dir never holds them.
+    rank 0 asks (``job.runtime.ranks.Ranks.from_rank0``): another node's work dir never holds them.
     """
     root = staging_dir(settings)
     if not (root / STAGED).is_file():

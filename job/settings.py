@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     eval_samples_during_training: int = Field(1000, ge=0, description="eval examples used during training; 0 = all")
     log_format: Literal["auto", "json", "text"] = "auto"
 
-    # speed: the GPU recipe and parallel preprocessing (job/recipe.py). "auto" is the measured
+    # speed: the GPU recipe and parallel preprocessing (job/runtime/recipe.py). "auto" is the measured
     # choice for the device (bench/RESULTS.md). A switch that cannot apply here (no CUDA, a GPU
     # before Ampere, a model without SDPA, no compiler) falls back with one log line, never an error.
     tf32: bool = Field(True, description="TF32 matmuls on Ampere and later GPUs")

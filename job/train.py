@@ -12,11 +12,11 @@ from transformers import (AutoModelForQuestionAnswering, AutoTokenizer, DataColl
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from job.device import uses_cuda
+from job.runtime.device import uses_cuda
 from job.errors import ConfigError, StorageUnavailable
 from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
-from job.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
+from job.runtime.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
                         set_matmul_precision)
 
 log = logging.getLogger(__name__)

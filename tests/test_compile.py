@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from job.recipe import CompileFallback, Machine, resolve_recipe
+from job.runtime.recipe import CompileFallback, Machine, resolve_recipe
 from job.settings import load_settings
 from job.train import build_trainer, compile_stats, load_model, training_arguments
 from tests.test_train import fallback_lines

@@ -140,7 +140,7 @@ def test_torch_compile_works_in_the_image():
     its kernels in /scratch/cache (Docker mounts a tmpfs /tmp noexec: a shared object there cannot load)."""
     script = """
 import torch, torch._dynamo
-from job.recipe import probe_machine, resolve_recipe
+from job.runtime.recipe import probe_machine, resolve_recipe
 from job.settings import load_settings
 machine = probe_machine(cuda=False)
 recipe = resolve_recipe(load_settings({"QA_COMPILE": "true"}), machine)

@@ -8,10 +8,10 @@ no GPU, so ``QA_DEVICE=cuda`` must stop the job.
 import pytest
 import torch
 
-from job.device import Gpus, choose_device, has_kernels
+from job.runtime.device import Gpus, choose_device, has_kernels
 from job.errors import ConfigError
-from job.preemption import StopRequest
-from job.ranks import Ranks
+from job.runtime.preemption import StopRequest
+from job.runtime.ranks import Ranks
 from job.settings import load_settings
 from tests.support.jobrun import job_env, run_job
 

@@ -17,12 +17,12 @@ PACKAGE = ROOT / "job"
 
 # bottom first; a node may import its own modules and anything on a lower layer, nothing else
 LAYERS = [
-    ["job.errors", "job.parallel", "job.recipe", "job.rows", "job.squad"],
-    ["job.device", "job.ranks"],
+    ["job.errors", "job.rows", "job.squad"],
+    ["job.runtime"],
     ["job.store", "job.formats"],
     ["job.evaluate"],
     ["job.observe"],
-    ["job.settings", "job.preemption", "job.launch"],
+    ["job.settings", "job.launch"],
     ["job.data", "job.preprocess", "job.train", "job.publish"],
     ["job.channels"],
     ["job.distill"],
@@ -163,7 +163,7 @@ def _readme_layout() -> dict[str, set[str]]:
     return table
 
 
-@pytest.mark.parametrize("folder", ["job/", "job/squad/", "job/store/", "job/channels/", "job/observe/"])
+@pytest.mark.parametrize("folder", ["job/", "job/squad/", "job/runtime/", "job/store/", "job/channels/", "job/observe/"])
 def test_readme_layout_table_lists_exactly_the_modules_of_each_folder(folder):
     table = _readme_layout()
     on_disk = {p.stem for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}

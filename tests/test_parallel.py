@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-import job.parallel
-from job.parallel import map_chunks
+import job.runtime.parallel
+from job.runtime.parallel import map_chunks
 
 PARENT = os.getpid()
 
@@ -53,8 +53,8 @@ def test_workers_tokenize_single_threaded_and_the_parent_keeps_its_setting(monke
 @pytest.mark.parametrize("fn, patch", [(dies_in_a_worker, {}), (hangs_in_a_worker, {"DEADLINE_BASE_SECONDS": 1.0, "DEADLINE_SECONDS_PER_TASK": 0.0})])
 def test_a_failed_pool_finishes_in_this_process(monkeypatch, caplog, fn, patch):
     for name, value in patch.items():
-        monkeypatch.setattr(job.parallel, name, value)
-    caplog.set_level(logging.INFO, logger="job.parallel")
+        monkeypatch.setattr(job.runtime.parallel, name, value)
+    caplog.set_level(logging.INFO, logger="job.runtime.parallel")
     rows = list(range(8))
     started = time.monotonic()
     assert values(map_chunks(fn, range(0, 8, 2), 2, None, rows)) == [r * r for r in rows]

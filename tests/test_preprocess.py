@@ -29,7 +29,7 @@ def test_parallel_preprocessing_equals_serial(tokenizer, train_rows, small_chunk
 def test_preprocessing_logs_its_workers(tokenizer, train_rows, small_chunks, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="job.parallel")
+    caplog.set_level(logging.INFO, logger="job.runtime.parallel")
     feature_dataset("train", tokenizer, train_rows[:30], 128, 48, workers=2)
     lines = [r for r in caplog.records if getattr(r, "event", None) == "preprocess"]
     assert len(lines) == 1 and (lines[0].workers, lines[0].chunks) == (2, 3)
@@ -44,12 +44,12 @@ def test_cache_key_does_not_depend_on_workers(tokenizer):
 
 
 def test_default_workers_are_the_usable_cpus_capped(monkeypatch):
-    import job.recipe
+    import job.runtime.recipe
     from job.preprocess import MAX_PREPROCESS_WORKERS, preprocess_workers
     from job.settings import load_settings
 
     for cpus, expected in ((1, 1), (2, 2), (64, MAX_PREPROCESS_WORKERS)):
-        monkeypatch.setattr(job.recipe, "usable_cpus", lambda: cpus)
+        monkeypatch.setattr(job.runtime.recipe, "usable_cpus", lambda: cpus)
         assert preprocess_workers(load_settings({})) == expected
     assert preprocess_workers(load_settings({"QA_PREPROCESS_WORKERS": "3"})) == 3
 

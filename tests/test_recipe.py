@@ -5,7 +5,7 @@ compiler. The switches themselves run for real in tests/test_train.py.
 """
 import pytest
 
-from job.recipe import Machine, pad_to_multiple_of, resolve_recipe
+from job.runtime.recipe import Machine, pad_to_multiple_of, resolve_recipe
 from job.settings import load_settings
 
 CPU = Machine(cuda=False, cpus=2, cxx_compiler=True, c_compiler=True, python_headers=True)

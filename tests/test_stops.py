@@ -150,8 +150,8 @@ def test_ctrl_c_twice_during_start_up_ends_in_one_line_143(tmp_path, tiny_model)
 WORKERS = """
 import logging, os, signal, sys, time
 from job.observe.logs import setup_logging
-from job.parallel import map_chunks
-from job.preemption import StopRequest
+from job.runtime.parallel import map_chunks
+from job.runtime.preemption import StopRequest
 
 stop = StopRequest(grace_seconds=30).install()
 setup_logging(fmt="json")

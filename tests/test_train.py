@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from job.recipe import Machine, resolve_recipe
+from job.runtime.recipe import Machine, resolve_recipe
 from job.settings import load_settings
 from job.squad.features import train_features
 from job.train import build_trainer, cpu_has_bf16, load_model, training_arguments
@@ -62,7 +62,7 @@ def run_steps(tmp_path, tiny_model, train_rows, precision, **env):
 
 
 def test_defaults_on_cpu_train_with_every_fallback_logged(tmp_path, tiny_model, train_rows, caplog):
-    caplog.set_level(logging.INFO, logger="job.recipe")
+    caplog.set_level(logging.INFO, logger="job.runtime.recipe")
     trainer, losses = run_steps(tmp_path, tiny_model, train_rows, "fp32")
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     args = trainer.args

@@ -29,7 +29,7 @@ def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
 
 def predictions(settings, run_id: str, rows: list[dict], stop=None, local_rank: int = 0) -> dict[str, str]:
     """``{id: answer}`` of run ``run_id``'s published model on ``rows``, decoded as evaluation decodes."""
-    from job.device import uses_cuda
+    from job.runtime.device import uses_cuda
     from job.evaluate import evaluate_model
     from job.preprocess import feature_dataset, preprocess_workers
     from job.train import load_model, precision_for

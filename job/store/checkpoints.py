@@ -24,7 +24,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from job.errors import StorageUnavailable
-from job.ranks import StepVote
+from job.runtime.ranks import StepVote
 from job.store.locations import UnsafeName, check_name, confine
 from job.store.models import MODEL_FILE_SUFFIXES
 from job.store.storage import NotFound, Storage, sha256_file

@@ -24,7 +24,6 @@ import threading
 import time
 
 from job.errors import EXIT_PREEMPTED, EXIT_UNAVAILABLE, Preempted, StoppedUncommitted
-from job.observe.console import print_error
 
 log = logging.getLogger(__name__)
 WATCHDOG_MARGIN_SECONDS = 1.0  # after the deadline: time for the last log line to be written
@@ -103,14 +102,15 @@ class StopRequest:
         raise Preempted(f"stopped by {self.signal_name}; rerun with the same QA_RUN_ID to resume")
 
 
-def exit_now(stop: StopRequest, report=lambda code: code) -> None:
-    """The grace period is over and the job has not finished stopping: report and leave at once."""
+def exit_now(stop: StopRequest, report=lambda code: code, say=lambda message, code: None) -> None:
+    """The grace period is over and the job has not finished stopping: log, ``say`` the one error line
+    (the entry point's printer: this layer sits below the console), ``report`` the code and leave at once."""
     code = stop.exit_code
     message = (f"stopped by {stop.signal_name}: the {stop.grace_seconds:g} s grace period (QA_STOP_GRACE_SECONDS) "
                "ran out before the job finished stopping; rerun with the same QA_RUN_ID to resume")
     try:
         log.error(message, extra={"event": "failed", "exit_code": code, "error_type": "GraceExpired"})
-        print_error(message, code)
+        say(message, code)
         for handler in logging.getLogger().handlers:
             handler.flush()
         report(code)

@@ -65,7 +65,7 @@ def usable_cpus() -> int:
 
 
 def probe_machine(cuda: bool | None = None) -> Machine:
-    """This machine; ``cuda`` is the device the run uses (``job.device``), default: whether CUDA is usable."""
+    """This machine; ``cuda`` is the device the run uses (``job.runtime.device``), default: whether CUDA is usable."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
