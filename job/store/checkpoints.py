@@ -199,6 +199,7 @@ class CheckpointCallback(TrainerCallback):
         self._last = time.monotonic()
         self._vote: StepVote | None = None
         self._save_started: float | None = None
+        self._saved_at_last_step = False  # the vote read next step was cast before that save reset the clock
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._last = time.monotonic()
@@ -212,12 +213,18 @@ class CheckpointCallback(TrainerCallback):
         timely = bool(self.every_seconds) and time.monotonic() - self._last >= self.every_seconds
         if self._vote is not None:
             stopping, timely, lost = self._vote.exchange(stopping, timely, lost)
+            if self._saved_at_last_step:
+                # every rank cast this "due" at the previous step end, before that step's save reset its
+                # clock: acting on it would save again one step later (two saves per period)
+                timely = False
+        self._saved_at_last_step = False
         if lost:  # another process owns the run now: save nothing, stop at once
             control.should_training_stop = True
             return control
         if stopping or timely or step >= state.max_steps or (self.every_steps and step % self.every_steps == 0):
             control.should_save = True
             self._save_started = time.monotonic()
+            self._saved_at_last_step = True
         if stopping:
             control.should_training_stop = True
         return control
