@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -159,6 +160,10 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         dataloader_persistent_workers=recipe.dataloader_workers > 0,
         logging_strategy="steps",
         logging_steps=settings.logging_steps,
+        # the filter tests every step's loss for NaN/inf in Python: a device-to-host read each step, so
+        # the CPU would wait for the GPU and never run ahead. Off; a non-finite loss shows in the
+        # progress line of its logging step instead, with a nonfinite_loss warning (_Trainer.log)
+        logging_nan_inf_filter=False,
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
         save_strategy="no",
         save_total_limit=None,
@@ -175,13 +180,31 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
 
 
 class _Trainer(Trainer):
-    """The Trainer, with ``group_by_length``'s window lengths read from the Arrow column's offsets.
+    """The Trainer, with ``group_by_length``'s window lengths read from the Arrow column's offsets,
+    and a non-finite loss reported at its logging step.
 
-    transformers finds them by reading every training window in Python (``len(input_ids)`` of
-    each): seconds per 100,000 windows, and every page of the memory-mapped features pulled into
+    transformers finds the lengths by reading every training window in Python (``len(input_ids)``
+    of each): seconds per 100,000 windows, and every page of the memory-mapped features pulled into
     the process. The list offsets hold the same numbers, so the sampler, and the order of the
     batches, are exactly what they were (tests/test_train.py).
     """
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """A NaN or infinite loss since the last logging step is logged as it is, with one warning line.
+
+        The loss accumulates on the device between logging steps (no per-step read: see
+        ``logging_nan_inf_filter``), where the Trainer reads it anyway. It then resets the sum by
+        subtracting it from itself, which leaves a NaN a NaN: the sum is zeroed here, so a loss
+        that recovers (fp16's scaler skips an overflowing step) is logged finite again.
+        """
+        loss = logs.get("loss")
+        if isinstance(loss, float) and not math.isfinite(loss):
+            log.warning("non-finite training loss", extra={"event": "nonfinite_loss", "step": self.state.global_step,
+                                                           "loss": str(loss)})
+            accumulated = getattr(self, "_tr_loss", None)
+            if isinstance(accumulated, torch.Tensor):
+                accumulated.zero_()  # on the device, queued like any kernel: no wait
+        super().log(logs, *args, **kwargs)
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset

@@ -128,3 +128,75 @@ def test_length_grouped_batches_are_transformers_own(tmp_path, tiny_model, train
     order = list(ours)
     torch.manual_seed(3)
     assert order == list(theirs) and sorted(order) == list(range(len(features)))
+
+
+class HostReads:
+    """Every read of a tensor's value into Python (``.item()``, ``bool()``, ``.tolist()``, ``.cpu()``...) made inside
+    the Trainer's step loop, by the code that made it. On a GPU each is a device-to-host copy the CPU waits for."""
+
+    READS = {"item", "__bool__", "tolist", "cpu", "numpy", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        import collections
+
+        from torch.overrides import TorchFunctionMode
+
+        self.seen = collections.Counter()
+        reads = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, "__name__", "") in reads.READS:
+                    reads.record(func.__name__)
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def record(self, name: str) -> None:
+        import traceback
+
+        frames = [f.name for f in traceback.extract_stack()]
+        # the step, not the data: batches are drawn and collated on the host (get_batch_samples: the sampler,
+        # the collator) before they go to the device; and between logging steps only: at a logging step the
+        # Trainer reads the loss and the norm (once per N steps)
+        if "_run_epoch" in frames and not {"get_batch_samples", "_maybe_log_save_evaluate"} & set(frames):
+            self.seen[(name, frames[-3])] += 1
+
+
+def test_a_training_step_reads_nothing_back_and_a_nonfinite_loss_is_still_logged(tmp_path, tiny_model, train_rows, caplog):
+    """No per-step host sync (the CPU runs ahead of the GPU), yet a NaN loss shows at its logging step.
+
+    The one read left is transformers' own in eager SDPA (does this batch have padding?, in
+    ``masking_utils``); torch.compile, the CUDA default, traces it away (README "GPUs").
+    """
+    import datasets
+    import torch
+
+    from job.store.checkpoints import CheckpointCallback
+    from job.train import ProgressLog
+
+    caplog.set_level(logging.INFO, logger="job.train")
+    settings = load_settings({"QA_MODEL_NAME": str(tiny_model), "QA_WORK_DIR": str(tmp_path), "QA_MAX_STEPS": "6",
+                              "QA_BATCH_SIZE": "4", "QA_LOGGING_STEPS": "2", "QA_LEARNING_RATE": "1e-3"})
+    tokenizer, model = load_model(settings.model_name, settings.seed, settings.attention)
+    windows = datasets.Dataset.from_dict(train_features(tokenizer, train_rows[:24], 128, 48))
+    stop = type("Stop", (), {"requested": False})()
+    callbacks = [ProgressLog(4), CheckpointCallback(every_steps=0, every_minutes=0, stop=stop, uploader=None)]
+    trainer = build_trainer(settings, model, tokenizer, windows, training_arguments(settings, tmp_path / "t", "fp32"), callbacks)
+    assert trainer.args.logging_nan_inf_filter is False
+    compute_loss, calls = trainer.compute_loss, []
+
+    def nan_at_step_3(*args, **kwargs):  # the loss's value only: the gradients, and so the weights, stay finite
+        loss = compute_loss(*args, **kwargs)
+        calls.append(1)
+        return loss + torch.tensor(float("nan")) if len(calls) == 3 else loss
+
+    trainer.compute_loss = nan_at_step_3
+    reads = HostReads()
+    with reads.mode:
+        trainer.train()
+    assert {where for _, where in reads.seen} <= {"_ignore_bidirectional_mask_sdpa"}, reads.seen
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and math.isnan(losses[1]) and math.isfinite(losses[0]) and math.isfinite(losses[2])
+    (warning,) = [r for r in caplog.records if getattr(r, "event", None) == "nonfinite_loss"]
+    assert warning.step == 4
