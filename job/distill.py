@@ -264,6 +264,7 @@ class Distillation:
 class _Collate:
     """The job's padding collator, then the gold spans, the mask and the teacher's logits moved into ``labels``
     (the one key the Trainer hands ``compute_loss_func``); the model then computes no loss of its own.
+    The batch is a plain dict of tensors and one dict of tensors: pinned and copied whole, non-blocking.
     Evaluation windows (no index, no labels) are only padded, as without a teacher."""
 
     def __init__(self, pad, logits, offsets):
@@ -283,4 +284,7 @@ class _Collate:
             teacher[row, :hi - lo] = self.logits[lo:hi]
         batch["labels"] = {"start_positions": batch.pop("start_positions"), "end_positions": batch.pop("end_positions"),
                            "mask": batch["attention_mask"], "teacher": torch.from_numpy(teacher)}
-        return batch
+        # a plain dict, not the padder's BatchEncoding: accelerate moves a mapping's tensors to the GPU nested
+        # ones included, each non-blocking, where BatchEncoding.to skips the labels dict and the Trainer then
+        # copied its four tensors with blocking copies, every step
+        return dict(batch)

@@ -220,9 +220,11 @@ class _Trainer(Trainer):
 def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArguments, callbacks, loss=None) -> Trainer:
     """The job's Trainer; ``loss`` (``job.distill.Distillation``) brings its own collator and loss function.
 
-    Its loss is a per-batch mean: the Trainer is told so (``loss_is_scaled_for_ga``), or with a
-    ``compute_loss_func`` it would take it for a sum over the accumulated batches and not divide
-    it by the accumulation steps.
+    Its loss is a per-batch mean, and the Trainer adds up the accumulated batches' losses: divided
+    here by the accumulation steps, as the Trainer divides the model's own loss. The Trainer does
+    not divide a ``compute_loss_func``'s loss itself: transformers before the
+    ``loss_is_scaled_for_ga`` attribute (5.17, the GPU machine's, among them) never does, later
+    ones only when told it is not scaled; it is told it is (``True``), so both train one recipe.
     """
     # pad each batch to its own longest window (bucketed on CUDA and when compiled), never to 384
     collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of(not args.use_cpu, args.torch_compile))
@@ -233,14 +235,25 @@ def build_trainer(settings, model, tokenizer, train_dataset, args: TrainingArgum
         callbacks = [*callbacks, CompileStats()]
     trainer = _Trainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                       processing_class=tokenizer, callbacks=callbacks,
-                      compute_loss_func=loss.compute_loss if loss is not None else None)
+                      compute_loss_func=_PerAccumulatedBatch(loss.compute_loss) if loss is not None else None)
     if loss is not None:
-        trainer.loss_is_scaled_for_ga = False
+        trainer.compute_loss_func.trainer = trainer
+        trainer.loss_is_scaled_for_ga = True  # an attribute older versions ignore: they never divide this loss
     set_matmul_precision(bool(args.tf32))  # after the Trainer: transformers and accelerate each set TF32 their way
     trainer.remove_callback(PrinterCallback)  # prints raw dicts; ProgressLog replaces it
     if args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
     return trainer
+
+
+class _PerAccumulatedBatch:
+    """A per-batch-mean loss divided by the batches of this optimizer step (fewer in an epoch's last step)."""
+
+    def __init__(self, compute):
+        self.compute, self.trainer = compute, None
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        return self.compute(outputs, labels, num_items_in_batch) / self.trainer.current_gradient_accumulation_steps
 
 
 def cpu_has_bf16() -> bool:

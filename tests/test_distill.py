@@ -192,3 +192,87 @@ def test_a_channel_teacher_is_the_model_its_pointer_names(tmp_path, tiny_model):
         distill.resolve_teacher(settings, pinned_run="big-0")
     assert str(err.value).startswith("QA_TEACHER_CHANNEL=big (run big-0, pinned by this run's first attempt): ")
     assert str(err.value).endswith("start over with a new QA_RUN_ID")
+
+
+class MovesAndGradients:
+    """The batches the collator built, the first ``.to`` each of their tensors received (the copy to the
+    training device), and the gradients the optimizer is about to apply."""
+
+    def __init__(self):
+        from torch.overrides import TorchFunctionMode
+        from transformers import TrainerCallback
+
+        self.batches, self.first_move, self.grads = [], {}, None
+        outer = self
+
+        class Mode(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if getattr(func, "__name__", "") == "to" and args and id(args[0]) not in outer.first_move:
+                    outer.first_move[id(args[0])] = bool(kwargs.get("non_blocking", args[2] if len(args) > 2 else False))
+                return func(*args, **kwargs)
+
+        class Grads(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                outer.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+        self.mode, self.callback = Mode(), Grads()
+
+    def collating(self, collate):
+        def collated(windows):
+            self.batches.append(collate(windows))
+            return self.batches[-1]
+
+        return collated
+
+    def tensors(self, batch):
+        for value in batch.values():
+            yield from self.tensors(value) if isinstance(value, dict) else [value]
+
+
+@pytest.mark.parametrize("transformers_rule", ["divides when told the loss is not scaled",
+                                               "never divides a compute_loss_func's loss (5.17)"])
+def test_accumulated_distillation_batches_move_non_blocking_and_average_their_gradients(
+        tmp_path, tiny_model, windows, transformers_rule):
+    """Two accumulated batches: every tensor of each (the labels dict's too) goes to the device non-blocking when
+    batches are pinned, and the step's gradient is the mean of the two batches' gradients whichever rule the
+    installed transformers follows for a ``compute_loss_func`` (5.17 on the GPU machine never divides it)."""
+    import copy
+
+    from job.runtime.recipe import Machine, resolve_recipe
+    from job.squad.distillation import distillation_loss
+    from job.train import build_trainer, load_model, training_arguments
+
+    settings = settings_for(tmp_path, tiny_model, QA_BATCH_SIZE="2", QA_GRAD_ACCUM_STEPS="2", QA_MAX_STEPS="1",
+                            QA_LEARNING_RATE="1e-3", QA_REPORT_TO="none", QA_DATALOADER_WORKERS="0")
+    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None, is_writer=True)
+    tokenizer, model = load_model(str(tiny_model), 0)
+    for module in model.modules():  # no dropout: the gradient is recomputed below from the same batches
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    start = copy.deepcopy(model)
+    pinned = resolve_recipe(settings, Machine(cuda=True, capability=(7, 5), cpus=8))  # pin_memory, non_blocking
+    args = training_arguments(settings, tmp_path / "trainer", "fp32", recipe=pinned)
+    args.max_grad_norm = 0.0  # the gradient as the loss made it, not clipped
+    watch = MovesAndGradients()
+    trainer = build_trainer(settings, model, tokenizer, distill.indexed(windows.train), args, [watch.callback], loss=taught)
+    trainer.data_collator = watch.collating(trainer.data_collator)
+    if "5.17" in transformers_rule:  # what a Trainer without the attribute does: reads nothing, never divides
+        trainer.__class__ = type("Before", (type(trainer),), {"loss_is_scaled_for_ga": property(lambda s: True, lambda s, v: None)})
+    with watch.mode:
+        trainer.train()
+
+    used = watch.batches[:2]  # accelerate's loader draws one batch ahead of the one it hands out
+    for batch in used:
+        assert type(batch) is dict and set(batch["labels"]) == {"start_positions", "end_positions", "mask", "teacher"}
+        assert all(watch.first_move.get(id(t)) is True for t in watch.tensors(batch))
+    for batch in used:
+        out = start(**{k: v for k, v in batch.items() if k != "labels"})
+        labels = batch["labels"]
+        loss = distillation_loss(out.start_logits, out.end_logits, labels["start_positions"], labels["end_positions"],
+                                 labels["teacher"][..., 0], labels["teacher"][..., 1], labels["mask"], 0.5, 2.0) / 2
+        loss.backward()
+    expected = {n: p.grad for n, p in start.named_parameters() if p.grad is not None}
+    assert watch.grads.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(watch.grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
