@@ -129,15 +129,16 @@ def _join_process_group(ctx: RunContext):
     """Under torchrun: the device check, then the Trainer's arguments, which create the process group."""
     settings, ranks = ctx.settings, ctx.ranks
     check_device(settings, ranks.world_size, ranks.local_world_size)
-    args = _training_arguments(settings)
+    args = _training_arguments(settings, ranks.local_world_size)
     _ = args.device  # initialises the process group (accelerate's PartialState), which the Trainer then uses
     return args
 
 
-def _training_arguments(settings):
+def _training_arguments(settings, ranks_on_node: int = 1):
     from job.train import precision_for, training_arguments
 
-    return training_arguments(settings, Path(settings.work_dir) / settings.run_id / "trainer", precision_for(settings))
+    return training_arguments(settings, Path(settings.work_dir) / settings.run_id / "trainer", precision_for(settings),
+                              ranks_on_node=ranks_on_node)
 
 
 def _rank0_data(ctx: RunContext, *splits: Split) -> tuple[Split, ...]:
@@ -184,7 +185,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     from job.evaluate import evaluate
 
     settings, ranks = ctx.settings, ctx.ranks
-    args = ctx.args or _training_arguments(settings)
+    args = ctx.args or _training_arguments(settings, ranks.local_world_size)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     out = Path(args.output_dir)
     resume = _restore(ctx.store, out, ranks, args)

@@ -18,7 +18,7 @@ from job.errors import ConfigError, StorageUnavailable
 from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
 from job.runtime.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
-                        set_matmul_precision)
+                                set_compile_threads, set_matmul_precision)
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,16 @@ class ProgressLog(TrainerCallback):
         })
 
 
-def training_arguments(settings, output_dir: Path, precision: str, recipe: Recipe | None = None) -> TrainingArguments:
-    """The Trainer's arguments; ``recipe`` defaults to this machine's (logged, with its fallbacks)."""
+def training_arguments(settings, output_dir: Path, precision: str, recipe: Recipe | None = None,
+                       ranks_on_node: int = 1) -> TrainingArguments:
+    """The Trainer's arguments; ``recipe`` defaults to this machine's (logged, with its fallbacks), its CPUs
+    shared by the ``ranks_on_node`` processes torchrun runs on this node."""
     cuda = uses_cuda(settings)
     if recipe is None:
-        recipe = resolve_recipe(settings, probe_machine(cuda))
+        recipe = resolve_recipe(settings, probe_machine(cuda, ranks_on_node))
         log_recipe(recipe)
+    if recipe.compile:
+        set_compile_threads(recipe.compile_threads)
     if precision == "bf16" and not cuda and not cpu_has_bf16():
         log.warning("QA_PRECISION=bf16: this CPU has no bf16 instructions (AVX512-BF16 or AMX); it runs emulated, "
                     "likely slower than fp32", extra={"event": "speed_fallback", "setting": "QA_PRECISION"})

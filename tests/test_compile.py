@@ -92,3 +92,24 @@ def test_a_compile_failure_trains_eager_with_one_line(tmp_path, tiny_model, trai
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     (line,) = fallback_lines(caplog, "QA_COMPILE")
     assert "torch.compile failed" in line.getMessage() and "injected" in line.getMessage() and "running eager" in line.getMessage()
+
+
+def test_only_a_compile_failure_is_reported_as_one(caplog):
+    """Another Dynamo warning before it passes on as it is; the failure after it is still the fallback line."""
+    import sys
+
+    from job.runtime.recipe import guard_compile
+
+    caplog.set_level(logging.INFO)
+    guard_compile()
+    logger = logging.getLogger(CompileFallback.LOGGER)
+    logger.warning("torch._dynamo hit config.recompile_limit (8)\n   function: 'forward'")
+    try:
+        raise RuntimeError("injected: cannot lower aten.bmm")
+    except RuntimeError:
+        logger.warning("WON'T CONVERT forward model.py line 10 \ndue to: \n...", exc_info=sys.exc_info())
+        logger.warning("WON'T CONVERT backward model.py line 20 \ndue to: \n...", exc_info=sys.exc_info())
+    (line,) = fallback_lines(caplog, "QA_COMPILE")
+    assert "injected: cannot lower aten.bmm" in line.getMessage()
+    passed = [r.getMessage() for r in caplog.records if r.name == CompileFallback.LOGGER]
+    assert passed == ["torch._dynamo hit config.recompile_limit (8)\n   function: 'forward'"]

@@ -35,6 +35,10 @@ def recipe(machine, **env):
      dict(dataloader_workers=3)),
     ("few CPUs on a GPU node keep one for the trainer", Machine(cuda=True, capability=(9, 0), cpus=2, triton=True), {},
      dict(dataloader_workers=1)),
+    ("16 CPUs for 8 GPU processes: each takes its 2 (one worker, two compile threads), not the pod's 16",
+     Machine(cuda=True, capability=(9, 0), cpus=16, ranks_on_node=8, triton=True, c_compiler=True, python_headers=True), {},
+     dict(dataloader_workers=1, compile_threads=2)),
+    ("one process alone has the node", H100, {}, dict(dataloader_workers=4, compile_threads=16)),
 ])
 def test_resolve_recipe(case, machine, env, expected):
     got = recipe(machine, **env).as_dict()

@@ -33,7 +33,8 @@ class Machine:
 
     cuda: bool = False
     capability: tuple[int, int] = (0, 0)  # CUDA compute capability of device 0; (8, 0) = Ampere
-    cpus: int = 1
+    cpus: int = 1  # usable by the whole pod or container: torchrun's processes on this node share them
+    ranks_on_node: int = 1  # torchrun's local world size
     triton: bool = False  # inductor's CUDA backend
     c_compiler: bool = False  # Triton builds its CUDA launcher with one (CC, cc, gcc or clang)
     cxx_compiler: bool = False  # inductor's CPU kernels are C++
@@ -48,12 +49,13 @@ class Recipe:
     pin_memory: bool
     dataloader_workers: int
     pad_to_multiple_of: int | None
+    compile_threads: int = 1  # Inductor's compile workers for this process (its share of the node's CPUs)
     fallbacks: tuple[str, ...] = field(default=())  # one line per switch that could not apply
 
     def as_dict(self) -> dict:
         return {"tf32": self.tf32, "fused_adamw": self.fused_adamw, "compile": self.compile,
                 "pin_memory": self.pin_memory, "dataloader_workers": self.dataloader_workers,
-                "pad_to_multiple_of": self.pad_to_multiple_of}
+                "pad_to_multiple_of": self.pad_to_multiple_of, "compile_threads": self.compile_threads}
 
 
 def usable_cpus() -> int:
@@ -64,8 +66,9 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def probe_machine(cuda: bool | None = None) -> Machine:
-    """This machine; ``cuda`` is the device the run uses (``job.runtime.device``), default: whether CUDA is usable."""
+def probe_machine(cuda: bool | None = None, ranks_on_node: int = 1) -> Machine:
+    """This machine; ``cuda`` is the device the run uses (``job.runtime.device``), default: whether CUDA is usable;
+    ``ranks_on_node``: the processes torchrun runs on this node, which share its CPUs."""
     import torch
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
@@ -80,7 +83,7 @@ def probe_machine(cuda: bool | None = None) -> Machine:
     include = sysconfig.get_paths().get("include")
     # CC and CXX are the compilers' own variables, read here the way Triton and inductor read them
     return Machine(
-        cuda=cuda, capability=tuple(capability), cpus=usable_cpus(), triton=triton,
+        cuda=cuda, capability=tuple(capability), cpus=usable_cpus(), ranks_on_node=max(ranks_on_node, 1), triton=triton,
         c_compiler=any(shutil.which(c) for c in (os.environ.get("CC") or "cc", "gcc", "clang")),
         cxx_compiler=any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "c++", "clang++")),
         python_headers=bool(include) and (Path(include) / "Python.h").is_file(),
@@ -117,13 +120,16 @@ def resolve_recipe(settings, machine: Machine) -> Recipe:
         pin = False
         fallbacks.append("QA_PIN_MEMORY: no CUDA device; nothing to pin for")
 
+    # every process on the node counts its workers and compile threads from the same CPUs: each takes its share
+    share = max(machine.cpus // max(machine.ranks_on_node, 1), 1)
     workers = settings.dataloader_workers
     if workers == "auto":
         # CPU: worker processes only take cores from the model (bench/RESULTS.md)
-        workers = min(MAX_CUDA_DATALOADER_WORKERS, max(machine.cpus - 1, 0)) if machine.cuda else 0
+        workers = min(MAX_CUDA_DATALOADER_WORKERS, max(share - 1, 0)) if machine.cuda else 0
 
     return Recipe(tf32=tf32, fused_adamw=fused, compile=compile_, pin_memory=pin, dataloader_workers=workers,
-                  pad_to_multiple_of=pad_to_multiple_of(machine.cuda, compile_), fallbacks=tuple(fallbacks))
+                  pad_to_multiple_of=pad_to_multiple_of(machine.cuda, compile_), compile_threads=min(share, 32),
+                  fallbacks=tuple(fallbacks))
 
 
 def _compile_missing(machine: Machine) -> str | None:
@@ -150,6 +156,14 @@ def pad_to_multiple_of(cuda: bool, compiled: bool) -> int | None:
     return CUDA_PAD_MULTIPLE if cuda or compiled else None
 
 
+def set_compile_threads(threads: int) -> None:
+    """Inductor's compile worker pool for this process: its share of the node's CPUs, not every CPU the pod has
+    (Inductor counts the CPUs it sees, up to 32, in each of torchrun's processes). Before the first compile."""
+    import torch._inductor.config
+
+    torch._inductor.config.compile_threads = threads
+
+
 def set_matmul_precision(tf32: bool) -> None:
     """TF32 on or off for fp32 matmuls, through the one API every reader agrees with.
 
@@ -174,8 +188,10 @@ class CompileFallback(logging.Filter):
     ``guard_compile`` makes torch.compile fall back to eager for a frame it cannot compile
     (``torch._dynamo.config.suppress_errors``) and compile the backward with the forward, so a
     backward that fails to compile is caught there too, not at the first ``loss.backward()``.
-    Dynamo reports each suppressed error as a warning with a traceback on its own logger; this
-    filter turns the first into the ``speed_fallback`` line and drops the rest.
+    Dynamo reports each suppressed error as a warning with a traceback ("WON'T CONVERT ..."), on
+    its own logger; this filter turns the first into the ``speed_fallback`` line and drops the
+    later ones (the same fallback, frame after frame). Any other warning there (a recompile limit
+    hit, say) passes on as it is, and does not count as the failure.
     """
 
     LOGGER = "torch._dynamo.convert_frame"
@@ -185,7 +201,7 @@ class CompileFallback(logging.Filter):
         self.reported = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING:
+        if record.levelno < logging.WARNING or not _suppressed_compile_error(record):
             return True
         if not self.reported:
             self.reported = True
@@ -195,6 +211,11 @@ class CompileFallback(logging.Filter):
             log.warning(f"QA_COMPILE: torch.compile failed ({reason[:300]}); running eager",
                         extra={"event": "speed_fallback", "setting": "QA_COMPILE"})
         return False
+
+
+def _suppressed_compile_error(record: logging.LogRecord) -> bool:
+    """Dynamo's line for an error it suppressed (``suppress_errors``): its traceback, under "WON'T CONVERT"."""
+    return record.exc_info is not None and str(record.msg).startswith("WON'T CONVERT")
 
 
 def _innermost(error: BaseException) -> BaseException:
