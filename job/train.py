@@ -193,6 +193,21 @@ class _Trainer(Trainer):
     batches, are exactly what they were (tests/test_train.py).
     """
 
+    def get_test_dataloader(self, test_dataset):
+        """One prediction DataLoader per dataset for the whole run, as the Trainer keeps its eval loader.
+
+        With persistent workers (``QA_DATALOADER_WORKERS`` > 0) the Trainer builds a new loader for every
+        ``predict``, and accelerate keeps every loader it prepared: each evaluation during training
+        forked another set of workers, and none of them ever exited.
+        """
+        key = getattr(test_dataset, "_fingerprint", None)
+        if key is None or not self.args.dataloader_persistent_workers:
+            return super().get_test_dataloader(test_dataset)
+        loaders = self.__dict__.setdefault("_prediction_loaders", {})
+        if key not in loaders:
+            loaders[key] = super().get_test_dataloader(test_dataset)
+        return loaders[key]
+
     def log(self, logs: dict, *args, **kwargs) -> None:
         """A NaN or infinite loss since the last logging step is logged as it is, with one warning line.
 

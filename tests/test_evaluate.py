@@ -180,3 +180,21 @@ def test_evaluation_during_training_takes_the_first_examples_and_their_windows(s
     rows, windows = first_examples(arrow_rows, features, 7)
     assert [r["id"] for r in rows] == arrow_rows[:7]["id"]
     assert windows["example_index"] == [i for i in features["example_index"] if i < 7]
+
+
+def test_evaluations_during_training_reuse_one_set_of_dataloader_workers(tmp_path, tiny_model, dev_rows):
+    """QA_DATALOADER_WORKERS > 0: the workers are forked once for all the evaluations of a run, not per evaluation."""
+    import multiprocessing
+
+    from job.train import build_trainer, load_model, training_arguments
+
+    settings = load_settings({"QA_MODEL_NAME": str(tiny_model), "QA_WORK_DIR": str(tmp_path), "QA_EVAL_BATCH_SIZE": "8",
+                              "QA_DATALOADER_WORKERS": "2", "QA_REPORT_TO": "none"})
+    tokenizer, model = load_model(settings.model_name, settings.seed)
+    features = feature_dataset("eval", tokenizer, dev_rows[:12], 128, 48)
+    trainer = build_trainer(settings, model, tokenizer, None, training_arguments(settings, tmp_path / "t", "fp32"), [])
+    before = set(multiprocessing.active_children())
+    answers = [evaluate(trainer, features, dev_rows[:12], settings)[1] for _ in range(3)]
+    workers = set(multiprocessing.active_children()) - before
+    assert answers[0] == answers[1] == answers[2]
+    assert len(workers) == 2, workers  # one loader's two persistent workers; they were 6 (3 x 2), all alive
