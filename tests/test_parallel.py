@@ -61,3 +61,26 @@ def test_a_failed_pool_finishes_in_this_process(monkeypatch, caplog, fn, patch):
     assert time.monotonic() - started < 30
     lines = [r for r in caplog.records if getattr(r, "event", None) == "preprocess_fallback"]
     assert len(lines) == 1
+
+
+def test_workers_are_spawned_once_a_process_group_runs_threads_in_this_process(caplog):
+    """After CUDA or a process group started (torchrun's ranks tokenize after both), a fork would copy their
+    threads' state half-way: the workers are fresh interpreters then, with the same results in the same order."""
+    import socket
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    caplog.set_level(logging.INFO, logger="job.runtime.parallel")
+    assert job.runtime.parallel.start_method() == "fork"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        parts = list(map_chunks(square, range(0, 8, 2), 2, None, list(range(8))))
+    finally:
+        dist.destroy_process_group()
+    assert values(parts) == [r * r for r in range(8)]
+    assert PARENT not in {pid for part in parts for _, pid in part}
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "preprocess"]
+    assert line.start == "spawn" and line.workers == 2

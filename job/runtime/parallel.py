@@ -7,6 +7,10 @@ inherit the tokenizer and the rows without pickling, and start in milliseconds i
 seconds a fresh interpreter takes to import transformers. Only the small task (a chunk's first
 row) goes to a worker and only its columns come back.
 
+Once this process has initialised CUDA or joined a process group (NCCL's and gloo's threads, the
+CUDA driver's), a fork copies their state half-way: the workers are *spawned* then, fresh
+interpreters that are handed the tokenizer and the rows (a memory-mapped split pickles as its file).
+
 Each worker tokenizes with one thread (``TOKENIZERS_PARALLELISM=false`` in its environment):
 the processes are the parallelism, and the Rust thread pool of every worker on the same cores
 would only oversubscribe them. Results do not depend on the number of workers: every chunk is
@@ -42,6 +46,7 @@ _TASK: tuple | None = None  # (fn, tokenizer, rows, kwargs), inherited by each w
 
 def _init(fn, tokenizer, rows, kwargs) -> None:
     global _TASK
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a spawned worker did not inherit it (see _forking_workers)
     _TASK = (fn, tokenizer, rows, kwargs)
 
 
@@ -73,18 +78,30 @@ def _forking_workers():
             os.environ[name] = before
 
 
+def start_method() -> str:
+    """``fork``, unless CUDA or a process group already runs threads in this process: ``spawn`` then."""
+    import sys
+
+    torch = sys.modules.get("torch")  # never imported here for this: a process without torch forks
+    started = torch is not None and (torch.cuda.is_initialized() or (torch.distributed.is_available()
+                                                                       and torch.distributed.is_initialized()))
+    return "spawn" if started or "fork" not in multiprocessing.get_all_start_methods() else "fork"
+
+
 def map_chunks(fn: Callable, begins: Iterable[int], workers: int, tokenizer, rows, **kwargs) -> Iterator:
     """``fn(tokenizer, rows, begin, **kwargs)`` for each begin, in order; ``workers`` processes at most."""
     begins = list(begins)
     workers = min(workers, len(begins))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if workers <= 1:
         for begin in begins:
             yield fn(tokenizer, rows, begin, **kwargs)
         return
     t0 = time.monotonic()
+    method = start_method()
+    # spawned workers import the job and transformers first: seconds, counted in the deadline
     deadline = t0 + DEADLINE_BASE_SECONDS + DEADLINE_SECONDS_PER_TASK * len(begins) / workers
     done = 0
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method),
                                initializer=_init, initargs=(fn, tokenizer, rows, kwargs))
     try:
         with _forking_workers():
@@ -109,8 +126,8 @@ def map_chunks(fn: Callable, begins: Iterable[int], workers: int, tokenizer, row
         return
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    log.info("preprocessed in parallel", extra={"event": "preprocess", "workers": workers, "chunks": len(begins),
-                                                 "seconds": round(time.monotonic() - t0, 2)})
+    log.info("preprocessed in parallel", extra={"event": "preprocess", "workers": workers, "start": method,
+                                                 "chunks": len(begins), "seconds": round(time.monotonic() - t0, 2)})
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
