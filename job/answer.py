@@ -39,6 +39,8 @@ def main(argv=None, environ=None) -> int:
     parser.add_argument("--max-length", type=int, default=384)
     parser.add_argument("--doc-stride", type=int, default=128)
     parser.add_argument("--squad-v2", action="store_true", help="allow an empty answer")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: the GPU when one is usable, else the CPU; cuda: a GPU or exit 2")
     args = parser.parse_args(argv)
     from job.observe.redaction import register_secrets
 
@@ -71,11 +73,27 @@ def _answer(args) -> dict:
         raise ConfigError("--doc-stride must be positive and leave 16 tokens of --max-length (32-8192)")
     model_uri, run_id = (channel_model(args.model, args.channel, args.endpoint_url, args.region) if args.channel
                          else (args.model, None))
+    device = answer_device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = fetch_model(model_uri, Path(tmp), args.endpoint_url, args.region)
         answer = QuestionAnswerer(model_dir, max_length=args.max_length, doc_stride=args.doc_stride,
-                                  version_2=args.squad_v2)(args.question, context)
+                                  version_2=args.squad_v2, device=device)(args.question, context)
     return {**answer, "run_id": run_id} if run_id else answer
+
+
+def answer_device(choice: str) -> str:
+    """``--device``: ``cuda`` (GPU 0) or ``cpu``; ``cuda`` asked for without a usable GPU is exit 2 with torch's reason."""
+    if choice == "cpu":
+        return "cpu"
+    from job.runtime.device import has_kernels, probe_gpus
+
+    gpus = probe_gpus()
+    if gpus.usable and has_kernels(gpus.capability, gpus.arch_list):
+        return "cuda"
+    if choice == "cuda":
+        reason = gpus.problem or f"this torch has no kernels for {gpus.name} (compute capability {gpus.capability})"
+        raise ConfigError(f"--device cuda: no usable GPU: {reason}; use --device cpu")
+    return "cpu"
 
 
 def channel_model(output_uri: str, name: str, endpoint_url: str | None, region: str | None) -> tuple[str, str]:

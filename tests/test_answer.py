@@ -37,7 +37,7 @@ def test_a_run_folder_answers_with_its_model_and_downloads_no_checkpoint(publish
     names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert "config.json" in names and "model.safetensors" in names
     assert not [n for n in names if "/" in n or n.startswith(("optimizer", "rng_state", "trainer_state"))], names
-    result, body = answer(env, "--model", run, "--question", "Who won?", "--context", CONTEXT)
+    result, body = answer(env, "--model", run, "--question", "Who won?", "--context", CONTEXT, "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert CONTEXT[body["start"]:body["end"]] == body["answer"]
 
@@ -46,6 +46,7 @@ def test_a_run_folder_answers_with_its_model_and_downloads_no_checkpoint(publish
     (("--model", "/nonexistent/model"), 2, "--model /nonexistent/model: no model there"),
     (("--context", "   "), 2, "--question and --context must not be empty"),
     (("--context", "@/nonexistent/context.txt"), 2, "--context @/nonexistent/context.txt: cannot read"),
+    (("--device", "cuda"), 2, "--device cuda: no usable GPU: this torch is a CPU build"),  # these machines have no GPU
 ])
 def test_bad_input_is_one_line(published, tiny_model, args, code, needle):
     options = {"--model": str(tiny_model), "--question": "Who won?", "--context": CONTEXT}
