@@ -11,7 +11,8 @@ on ``QA_OUTPUT_URI``). In the order a run meets them:
   rank 0 for every rank and pinned in run.json: a retry learns from the same run, wherever the
   channel has moved since.
 - ``prepare``, once the features exist: the teacher scores every training window once, not every
-  epoch (length-ordered batches, ``job.evaluate.predict_logits``, the evaluation's own loop),
+  epoch (length-ordered batches, ``job.evaluate.predict_logits``, the evaluation's own loop; under
+  torchrun every process of a node scores its share, on its own GPU, into the node's one array),
   and only each window's real tokens are kept, in fp16, in one ``(tokens, 2)`` array beside the
   features, under the verified-cache rule (``job.store.feature_cache``: a manifest with sizes and
   sha256, written last, keyed by the feature key and the teacher's identity). A resumed run on
@@ -27,6 +28,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,11 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
-from job.errors import ConfigError
+from job.errors import ConfigError, JobError
 from job.runtime.ranks import Ranks
 from job.store import feature_cache
 from job.store.locations import is_s3, join
-from job.store.models import fetch_model, model_identity
+from job.store.models import fetch_model, fetch_model_cached, model_identity
 
 log = logging.getLogger(__name__)
 WINDOW = "teacher_window"  # the column that takes a training window to its teacher logits
@@ -76,12 +78,12 @@ def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = N
         uri = name = settings.teacher_model
     looks_local = uri.startswith(("/", ".", "~")) or uri.count("/") > 1 or Path(uri).expanduser().is_dir()
     if is_s3(uri) or looks_local:
-        dest = work / (f"teacher-model-{ranks.local_rank}" if ranks.local_rank else "teacher-model")
-        if is_s3(uri):
-            shutil.rmtree(dest, ignore_errors=True)
-            dest.mkdir(parents=True)
         try:
-            path = str(fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=setting))
+            if is_s3(uri):  # downloaded once per node (the others find it), kept for every later attempt of the run
+                path = str(ranks.leaders_first(lambda: fetch_model_cached(
+                    uri, work / "teacher-models", settings.s3_endpoint_url, settings.s3_region, what=setting)))
+            else:
+                path = str(fetch_model(uri, work, settings.s3_endpoint_url, settings.s3_region, what=setting))
         except ConfigError as exc:
             if not pinned_run:
                 raise
@@ -141,56 +143,92 @@ def cache_key(feature_key: str, teacher_identity: str) -> str:
     return hashlib.sha256(json.dumps([CACHE_VERSION, feature_key, teacher_identity]).encode()).hexdigest()[:24]
 
 
-def prepare(settings, teacher: Teacher, features, store, is_writer: bool, local_rank: int = 0, stop=None) -> "Distillation":
-    """The teacher's logits of every training window, from the local or remote cache or scored now and cached."""
+def prepare(settings, teacher: Teacher, features, store, ranks: Ranks = Ranks(), stop=None) -> "Distillation":
+    """The teacher's logits of every training window, from the local or remote cache or scored now and cached.
+
+    Every rank calls it. The first process of each node looks for the cache; where it has none,
+    every process of that node scores its share of the windows (its GPU) into the node's one
+    array, and the first process then verifies and caches it (rank 0 uploads it). The others wait
+    in ``job.runtime.ranks``' own group, not the training's: however long the pass takes.
+    """
     key = cache_key(features.cache_key, teacher.identity)
     local = Path(settings.work_dir) / settings.run_id / "teacher" / key
     remote = f"cache/teacher-{key}/"
+    partial = local / f".{LOGITS}.partial"
     offsets = window_offsets(features.train)
-    started, hit = time.monotonic(), "miss"
-    if feature_cache.verified(local, CACHE) and _fits(local, offsets):
-        hit = "local"
-    elif store is not None and feature_cache.download(store, remote, local, CACHE) and _fits(local, offsets):
-        hit = "remote"
-    else:
-        local.mkdir(parents=True, exist_ok=True)
-        (local / CACHE.manifest).unlink(missing_ok=True)
-        score(settings, teacher, features.train, offsets, local / LOGITS, local_rank, stop)
+    started, hit, problem = time.monotonic(), None, None
+    if ranks.is_node_leader:
+        if feature_cache.verified(local, CACHE) and _fits(local, offsets):
+            hit = "local"
+        elif store is not None and feature_cache.download(store, remote, local, CACHE) and _fits(local, offsets):
+            hit = "remote"
+        else:
+            hit = "miss"
+            local.mkdir(parents=True, exist_ok=True)
+            (local / CACHE.manifest).unlink(missing_ok=True)
+            array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
+            del array  # the node's array, created for every rank of the node to write its share into in place
+    hit = ranks.gather(hit)[ranks.rank - ranks.local_rank]  # what this node's first process found
+    share = range(0)
+    if hit == "miss":
+        share = node_share(offsets, ranks.local_rank, ranks.local_world_size)
+        try:
+            score(settings, teacher, features.train, offsets, partial, share, ranks.local_rank, stop)
+        except JobError as exc:
+            problem = exc
+    if not ranks.all_of(problem is None):  # every share written, on every node (or one failed: all stop)
+        raise problem or JobError("another process failed while scoring the teacher's logits (see its log)")
+    if hit == "miss" and ranks.is_node_leader:
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, local / LOGITS)
         feature_cache.write_manifest(local, CACHE)
-        if store is not None and is_writer:
+        if store is not None and ranks.is_writer:
             feature_cache.upload(store, local, remote, CACHE)
+    ranks.barrier()  # the node's cache is whole before anyone maps it
     log.info("teacher logits ready", extra={"event": "teacher_logits", "cache": hit, "cache_key": key,
                                              "windows": len(offsets) - 1, "tokens": int(offsets[-1]),
+                                             "scored": [share.start, share.stop] if hit == "miss" else None,
                                              "seconds": round(time.monotonic() - started, 2)})
     return Distillation(local / LOGITS, offsets, settings.distill_alpha, settings.distill_temperature, hit)
 
 
-def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, local_rank: int = 0, stop=None) -> None:
-    """Score every window with the teacher and write its real tokens' logits, fp16, to ``path``; then free it."""
+def node_share(offsets: np.ndarray, local_rank: int, local_world_size: int) -> range:
+    """The windows ``local_rank`` of ``local_world_size`` scores: consecutive, about as many tokens as each other's."""
+    bounds = np.searchsorted(offsets, np.linspace(0, offsets[-1], local_world_size + 1))
+    bounds[0], bounds[-1] = 0, len(offsets) - 1
+    return range(int(bounds[local_rank]), int(bounds[local_rank + 1]))
+
+
+def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, windows: range | None = None,
+          local_rank: int = 0, stop=None) -> None:
+    """Score ``windows`` (default: all) with the teacher and write their real tokens' logits, fp16, into the array
+    at ``path`` (created beforehand, shaped for every window); then free the teacher."""
     import torch
 
     from job.runtime.device import uses_cuda
     from job.evaluate import predict_logits
-    from job.store.files import writing
     from job.train import load_model, precision_for
 
+    windows = range(len(offsets) - 1) if windows is None else windows
+    if not len(windows):
+        return
     tokenizer, model = load_model(teacher.path, settings.seed, settings.attention)  # fp32 weights, fp32 QA head
     inputs = _model_inputs(train, tokenizer)
     device = f"cuda:{local_rank}" if uses_cuda(settings) else "cpu"
     try:
-        with writing(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
-            for begin in range(0, len(inputs), SCORE_WINDOWS):
-                part = inputs.select(range(begin, min(begin + SCORE_WINDOWS, len(inputs))))
-                start, end = predict_logits(model, tokenizer, part, settings.eval_batch_size, device,
-                                            precision_for(settings), stop)
-                lengths = np.diff(offsets[begin:begin + len(part) + 1])
-                real = np.arange(start.shape[1])[None, :] < lengths[:, None]  # row by row: each window's real tokens
-                lo, hi = offsets[begin], offsets[begin + len(part)]
-                out[lo:hi, 0] = np.clip(start[real], -_FP16_MAX, _FP16_MAX)
-                out[lo:hi, 1] = np.clip(end[real], -_FP16_MAX, _FP16_MAX)
-            out.flush()
-            del out
+        out = np.load(path, mmap_mode="r+")
+        for begin in range(windows.start, windows.stop, SCORE_WINDOWS):
+            part = inputs.select(range(begin, min(begin + SCORE_WINDOWS, windows.stop)))
+            start, end = predict_logits(model, tokenizer, part, settings.eval_batch_size, device,
+                                        precision_for(settings), stop)
+            lengths = np.diff(offsets[begin:begin + len(part) + 1])
+            real = np.arange(start.shape[1])[None, :] < lengths[:, None]  # row by row: each window's real tokens
+            lo, hi = offsets[begin], offsets[begin + len(part)]
+            out[lo:hi, 0] = np.clip(start[real], -_FP16_MAX, _FP16_MAX)
+            out[lo:hi, 1] = np.clip(end[real], -_FP16_MAX, _FP16_MAX)
+        out.flush()
+        del out
     finally:
         del model  # peak memory is one model: the teacher is gone before the student trains
         gc.collect()

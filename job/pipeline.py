@@ -85,7 +85,9 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     record = publish.run_record(ctx.store)  # an earlier attempt's: the data files and teacher run it pinned
     train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(record))
     if ranks.world_size > 1:
-        ctx = replace(ctx, args=_join_process_group(ctx))
+        args = _join_process_group(ctx)
+        ranks = ctx.ranks.joined()  # rank agreements and waits for another rank's work: a gloo group of their own
+        ctx = replace(ctx, args=args, ranks=ranks)
         train_split, eval_split = _rank0_data(ctx, train_split, eval_split)
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
     # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
@@ -116,9 +118,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     train_split = train_split.released()
     ctx.check_stop()
     taught = None
-    if teacher is not None:  # the teacher's logits, scored once per node (or downloaded); the teacher is freed
-        taught = ranks.leaders_first(lambda: distill.prepare(settings, teacher, features, ctx.store, ranks.is_writer,
-                                                             ranks.local_rank, ctx.stop))
+    if teacher is not None:  # the teacher's logits, scored once per node by all its ranks (or downloaded); then freed
+        taught = distill.prepare(settings, teacher, features, ctx.store, ranks, ctx.stop)
         features = replace(features, train=distill.indexed(features.train))
         ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs, taught, teacher)
@@ -128,7 +129,15 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
 def _join_process_group(ctx: RunContext):
     """Under torchrun: the device check, then the Trainer's arguments, which create the process group."""
     settings, ranks = ctx.settings, ctx.ranks
-    check_device(settings, ranks.world_size, ranks.local_world_size)
+    if check_device(settings, ranks.world_size, ranks.local_world_size) == "cpu":
+        # transformers hands QA_PROCESS_GROUP_TIMEOUT_SECONDS (ddp_timeout) to a GPU run's group only; on the
+        # CPU the group is started here, before the Trainer's arguments would start it with torch's default
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo", timeout=timedelta(seconds=settings.process_group_timeout_seconds))
     args = _training_arguments(settings, ranks.local_world_size)
     _ = args.device  # initialises the process group (accelerate's PartialState), which the Trainer then uses
     return args
@@ -188,7 +197,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     args = ctx.args or _training_arguments(settings, ranks.local_world_size)
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
     out = Path(args.output_dir)
-    resume = _restore(ctx.store, out, ranks, args)
+    resume = _restore(ctx.store, out, ranks)
     trainer, uploader = _trainer(ctx, tokenizer, model, features, eval_split, args, resume, taught)
     device = _device_name(not args.use_cpu)
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": device,
@@ -328,21 +337,16 @@ def _policy(settings: Settings) -> RetryPolicy:
     return RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
 
 
-def _restore(store, out: Path, ranks: Ranks, args) -> Path | None:
+def _restore(store, out: Path, ranks: Ranks) -> Path | None:
     """Rank 0 picks the checkpoint; every node downloads that same one (reads only) before training."""
     from job.store import checkpoints
 
     if ranks.world_size == 1:
         return checkpoints.restore(store, out)
-    import torch.distributed as dist
-
-    _ = args.device  # initialises the process group the Trainer will use
-    choice = [checkpoints.restore(store, out) if ranks.rank == 0 else None]
-    dist.broadcast_object_list(choice, src=0)
-    step = _step(choice[0])
+    step = ranks.from_rank0(lambda: _step(checkpoints.restore(store, out)))  # the others wait while it downloads
     if ranks.rank != 0 and ranks.local_rank == 0 and step is not None:
-        choice[0] = checkpoints.restore(store, out, only_step=step)
-    dist.barrier()
+        checkpoints.restore(store, out, only_step=step)
+    ranks.barrier()
     return out / f"checkpoint-{step}" if step is not None else None
 
 

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     checkpoint_minutes: float | Literal["auto"] = Field("auto", description="0 = no time-based checkpoints")
     checkpoints_to_keep: PositiveInt = 2
     stop_grace_seconds: float = Field(120.0, gt=0)
+    # torchrun: how long a collective of the training (DDP's all-reduce, a save's barrier) may wait before the
+    # run fails; the waits for another rank's work (tokenizing, downloads, the teacher pass) are not bounded by it
+    process_group_timeout_seconds: float = Field(1800.0, ge=5, le=86400)
     lease_seconds: float = Field(60.0, ge=5)
 
     # storage retries: bounded, so an outage ends in exit 75 instead of hanging forever

@@ -176,6 +176,7 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         # bars only for JSON lines on a terminal: the text format has its own progress lines
         disable_tqdm=not sys.stdout.isatty() or resolve_format(settings.log_format) == "text",
         ddp_find_unused_parameters=False,
+        ddp_timeout=int(settings.process_group_timeout_seconds),  # NCCL's watchdog aborts a collective past it
         # distillation: the Trainer keeps only the columns the model's forward takes or labels name; each
         # training window's index travels to the collator as a label (job.distill.WINDOW). An eval batch has
         # none of them, so prediction is unchanged.

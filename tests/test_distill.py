@@ -39,7 +39,7 @@ def test_logits_are_scored_once_verified_and_downloaded_on_a_fresh_machine(tmp_p
     settings = settings_for(tmp_path, tiny_model)
     teacher = distill.resolve_teacher(settings)
     store = LocalStorage(tmp_path / "out" / "distil")
-    first = distill.prepare(settings, teacher, windows, store, is_writer=True)
+    first = distill.prepare(settings, teacher, windows, store)
 
     # the teacher's own prediction loop, real tokens only, in fp16, window after window
     from job.train import load_model
@@ -54,9 +54,9 @@ def test_logits_are_scored_once_verified_and_downloaded_on_a_fresh_machine(tmp_p
 
     # the teacher is not loaded again while a verified cache exists
     monkeypatch.setattr(distill, "score", lambda *a, **k: pytest.fail("scored again"))
-    assert distill.prepare(settings, teacher, windows, store, is_writer=True).cache == "local"
+    assert distill.prepare(settings, teacher, windows, store).cache == "local"
     fresh = settings_for(tmp_path / "fresh", tiny_model)
-    assert distill.prepare(fresh, teacher, windows, store, is_writer=True).cache == "remote"
+    assert distill.prepare(fresh, teacher, windows, store).cache == "remote"
     monkeypatch.undo()
 
     # tampered locally and remotely: neither is trusted, the logits are scored again, the same
@@ -67,7 +67,7 @@ def test_logits_are_scored_once_verified_and_downloaded_on_a_fresh_machine(tmp_p
         raw[-1] ^= 0xFF
         (folder / distill.LOGITS).write_bytes(bytes(raw))
     shutil.rmtree(tmp_path / "fresh")
-    again = distill.prepare(fresh, teacher, windows, store, is_writer=True)
+    again = distill.prepare(fresh, teacher, windows, store)
     assert again.cache == "miss" and np.array_equal(np.asarray(again.logits), expected)
     assert cache_events(caplog) == ["miss", "local", "remote", "miss"]
     # another teacher is another cache
@@ -87,7 +87,7 @@ def test_the_teacher_is_freed_before_the_student_trains(tmp_path, tiny_model, wi
 
     monkeypatch.setattr(job.train, "load_model", watched)
     settings = settings_for(tmp_path, tiny_model)
-    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None, is_writer=True)
+    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None)
     assert len(loaded) == 1 and loaded[0]() is None  # gone when prepare returns: nobody holds the teacher
     assert taught.logits.shape[0] == taught.offsets[-1]
 
@@ -96,7 +96,7 @@ def test_the_collator_hands_each_window_its_own_logits(tmp_path, tiny_model, win
     from transformers import DataCollatorWithPadding
 
     settings = settings_for(tmp_path, tiny_model)
-    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None, is_writer=True)
+    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None)
     train = distill.indexed(windows.train)
     collate = taught.collator(DataCollatorWithPadding(tokenizer))
     picked = [5, 0, 3]
@@ -245,7 +245,7 @@ def test_accumulated_distillation_batches_move_non_blocking_and_average_their_gr
 
     settings = settings_for(tmp_path, tiny_model, QA_BATCH_SIZE="2", QA_GRAD_ACCUM_STEPS="2", QA_MAX_STEPS="1",
                             QA_LEARNING_RATE="1e-3", QA_REPORT_TO="none", QA_DATALOADER_WORKERS="0")
-    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None, is_writer=True)
+    taught = distill.prepare(settings, distill.resolve_teacher(settings), windows, None)
     tokenizer, model = load_model(str(tiny_model), 0)
     for module in model.modules():  # no dropout: the gradient is recomputed below from the same batches
         if isinstance(module, torch.nn.Dropout):

@@ -251,3 +251,23 @@ def test_a_data_file_that_differs_between_nodes_is_a_data_error_not_two_training
     assert f"{eval_file}: rank 1 read other eval data than rank 0" in done[1].stderr
     assert "another rank read other data than rank 0" in done[0].stderr
     assert not any(r.event("train_start") for r in done)
+
+
+def test_a_node_leader_working_longer_than_the_process_group_timeout_and_a_shared_teacher_pass(bucket, tmp_path, tiny_model):
+    """Under torchrun the others wait for their node's first process however long it works, not the training
+    group's timeout: it is held 12 s tokenizing against an 8 s QA_PROCESS_GROUP_TIMEOUT_SECONDS and the run
+    completes. The teacher, an s3:// model, is downloaded once on the node, and both processes score a share
+    of the training windows into the node's one array of teacher logits."""
+    name, server = bucket
+    for file in tiny_model.iterdir():
+        server.client().upload_file(str(file), name, f"teachers/tiny/{file.name}")
+    env = env_for(bucket, tmp_path, tiny_model, "dist-held", QA_PROCESS_GROUP_TIMEOUT_SECONDS="8",
+                  QA_TEACHER_MODEL=f"s3://{name}/teachers/tiny", QA_MAX_STEPS="4", QA_REPORT_TO="none")
+    result = run_job(env, module="job.launch", args=(*LAUNCH, "--entry", "tests.support.killer", "pause:features#0=12"))
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    assert {(e["rank"], e["cache"]) for e in result.event("model_fetched")} == {(0, "miss"), (1, "local")}
+    logits = {e["rank"]: e for e in result.event("teacher_logits")}
+    assert {r: e["cache"] for r, e in logits.items()} == {0: "miss", 1: "miss"}
+    (a, b), (c, d) = logits[0]["scored"], logits[1]["scored"]
+    assert a == 0 < b == c < d == logits[0]["windows"]  # consecutive shares, every window scored once
+    assert {e["rank"] for e in result.event("train_start")} == {0, 1}

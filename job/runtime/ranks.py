@@ -8,15 +8,24 @@ taken once and shared: rank 0 decides and every rank follows (``from_rank0``), o
 flag is combined (``any_of`` / ``all_of``). These are collectives: every rank must call them, at
 the same point, once the process group exists (the Trainer's arguments create it). A plain
 ``python -m job`` is rank 0 of 1 and never touches ``torch.distributed``.
+
+They run in a gloo group of their own (``joined``), on the CPU, with a long timeout: while one
+process works for all (the node leader tokenizes, downloads a cache, scores the teacher's logits;
+rank 0 fetches the checkpoint), the others wait in one of these, and the training group's timeout
+(``QA_PROCESS_GROUP_TIMEOUT_SECONDS``, NCCL's watchdog on GPUs) would abort the run at 30 minutes
+and throw the unfinished work away, on every retry alike. A leader that dies ends the wait at once
+(torchrun's agent stops its node; a lost peer breaks gloo's connections).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Callable, TypeVar
 
 from job.errors import JobError
 
 T = TypeVar("T")
+# how long a rank waits for another's work before the run fails: only a hung (not a dead) process reaches it
+WAIT_SECONDS = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,17 @@ class Ranks:
     world_size: int = 1
     local_world_size: int = 1
     node: int = 0  # torchrun's GROUP_RANK
+    waits: object = field(default=None, compare=False, repr=False)  # the gloo group of ``joined``
+
+    def joined(self) -> "Ranks":
+        """These ranks with their waiting group, once the process group exists (a collective: every rank calls it)."""
+        if self.world_size == 1 or self.waits is not None:
+            return self
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        return replace(self, waits=dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_SECONDS)))
 
     @classmethod
     def from_env(cls, environ) -> "Ranks":
@@ -62,7 +82,7 @@ class Ranks:
                 box[0] = ("value", decide())
             except JobError as exc:
                 box[0] = ("error", exc)
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=self.waits)
         kind, value = box[0]
         if kind == "error":
             raise value
@@ -83,6 +103,20 @@ class Ranks:
             raise error or JobError("the first process of a node failed before this one could go on (see its log)")
         return result if self.is_node_leader else build()
 
+    def gather(self, value: T) -> list[T]:
+        """Every rank's ``value``, by rank, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        values: list = [None] * self.world_size
+        dist.all_gather_object(values, value, group=self.waits)
+        return values
+
+    def barrier(self) -> None:
+        """Every rank got here (however long the slowest took)."""
+        self.all_of(True)
+
     def any_of(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any."""
         return self._reduce(flag, "MAX")
@@ -97,9 +131,9 @@ class Ranks:
         import torch
         import torch.distributed as dist
 
-        device = torch.device("cuda", self.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
-        value = torch.tensor([int(flag)], device=device)
-        dist.all_reduce(value, op=getattr(dist.ReduceOp, op))
+        on_gpu = self.waits is None and dist.get_backend() == "nccl"
+        value = torch.tensor([int(flag)], device=torch.device("cuda", self.local_rank) if on_gpu else torch.device("cpu"))
+        dist.all_reduce(value, op=getattr(dist.ReduceOp, op), group=self.waits)
         return bool(value.item())
 
 

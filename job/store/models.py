@@ -10,11 +10,18 @@ replaced in place, or a hub id whose weights were updated, is another base model
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import shutil
 from pathlib import Path
 
 from job.errors import ConfigError, StorageUnavailable
+from job.store.files import atomic_write
 from job.store.locations import UnsafeName, confine, local_path
 from job.store.storage import COMMAND_LINE_POLICY, open_storage, sha256_file
+
+log = logging.getLogger(__name__)
+FETCHED = ".fetched.json"  # a cached model's files with sizes and sha256, written last
 
 # what loading a model reads from its folder: config, weights, tokenizer (not a model card or images)
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
@@ -74,3 +81,41 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
             raise ConfigError(f"{what}: refusing an unsafe object name ({exc})") from None
         store.get_file(key, local)
     return dest
+
+
+def fetch_model_cached(uri: str, root: Path, endpoint_url: str | None = None, region: str | None = None,
+                       what: str = "") -> Path:
+    """``fetch_model`` of an ``s3://`` model into ``root/<key>/``, downloaded only when no verified copy is there.
+
+    The key is the model's listing: each top-level file's name, size and ETag, so an object rewritten in
+    storage is another key (downloaded again), and the same model found by a retry is not. A copy counts
+    only with its manifest (written last) and every file's sha256 matching it, as the feature cache.
+    """
+    what = what or f"--model {uri}"
+    store = open_storage(uri, COMMAND_LINE_POLICY, endpoint_url, region)
+    listing = store.list_info("")
+    if not any(o["key"] == "config.json" for o in listing) and any(o["key"] == "model/config.json" for o in listing):
+        uri = uri.rstrip("/") + "/model"  # a run folder
+        listing = [{**o, "key": o["key"][len("model/"):]} for o in listing if o["key"].startswith("model/")]
+    top_level = [(o["key"], o["size"], o["etag"]) for o in listing if "/" not in o["key"]]
+    key = hashlib.sha256(json.dumps([uri, top_level]).encode()).hexdigest()[:24]
+    dest = root / key
+    if _fetched(dest):
+        log.info("model found fetched", extra={"event": "model_fetched", "uri": uri, "cache": "local", "key": key})
+        return dest
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
+    fetch_model(uri, dest, endpoint_url, region, what)
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(dest.iterdir()) if p.is_file()}
+    atomic_write(dest / FETCHED, json.dumps(files).encode())
+    log.info("model fetched", extra={"event": "model_fetched", "uri": uri, "cache": "miss", "key": key, "files": len(files)})
+    return dest
+
+
+def _fetched(dest: Path) -> bool:
+    try:
+        files = json.loads((dest / FETCHED).read_text())
+        return bool(files) and all((dest / name).is_file() and (dest / name).stat().st_size == meta["size"]
+                                   and sha256_file(dest / name) == meta["sha256"] for name, meta in files.items())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False

@@ -8,8 +8,9 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   raise:evaluate@1               raise a BaseException that is not an Exception (like a Rust panic)
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
+  pause:features#0=12            a hook with #R fires only in the process of LOCAL_RANK R (torchrun)
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; data_list (before a data folder or prefix is listed) and data_fetch (before a
+evaluate, stage; features (before the features are built or read); data_list (before a data folder or prefix is listed) and data_fetch (before a
 single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
 pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
 the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
@@ -40,6 +41,9 @@ def parse(spec: str):
         if verb != "meet" and at is not None:
             value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
+        hook, _, local_rank = hook.partition("#")
+        if local_rank and local_rank != os.environ.get("LOCAL_RANK", "0"):
+            continue
         actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "at": int(at or 1), "count": 0})
     return actions
 
@@ -52,6 +56,7 @@ def install(actions) -> None:
     import job.data
     import job.evaluate
     import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
+    import job.preprocess
     import job.publish
     import job.store.lease
     import job.store.storage
@@ -99,6 +104,7 @@ def install(actions) -> None:
     wrap(job.train, "train", "train_end", before=False)  # the pipeline imports both where training starts
     wrap(job.evaluate, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
+    wrap(job.preprocess, "build_features", "features")
     wrap(job.data, "_choose", "data_list")
     wrap(job.data, "fetch", "data_fetch")
     wrap(job.channels.promotion, "promote", "promote")
