@@ -81,3 +81,35 @@ def test_long_contexts_go_through_the_model_in_bounded_batches_and_long_question
     assert sum(sizes) > 3 * WINDOWS_PER_BATCH and max(sizes) <= WINDOWS_PER_BATCH
     # an untrained model may rank only question tokens in its n-best: then the answer is empty, not an error
     assert context[result["start"]:result["end"]] == result["answer"] if result["answer"] else result["start"] == -1
+
+
+def test_an_s3_model_is_fetched_once_and_again_only_when_it_changed(published, tmp_path, monkeypatch, caplog):
+    """What a distillation teacher given as s3:// goes through: a retry finds the verified copy instead of
+    downloading again; an object rewritten in storage is another model, fetched afresh."""
+    import logging
+
+    from job.store import storage
+    from job.store.models import fetch_model_cached
+
+    run, env = published
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    gets = []
+    real = storage.S3Storage.get_file
+    monkeypatch.setattr(storage.S3Storage, "get_file", lambda self, key, local: (gets.append(key), real(self, key, local)))
+    caplog.set_level(logging.INFO, logger="job.store.models")
+    first = fetch_model_cached(run, tmp_path / "models", env["QA_S3_ENDPOINT_URL"])
+    fetched = len(gets)
+    assert fetched and (first / "config.json").is_file()
+    assert fetch_model_cached(run, tmp_path / "models", env["QA_S3_ENDPOINT_URL"]) == first and len(gets) == fetched
+    (first / "config.json").write_text("{}")  # a copy that no longer verifies is not used
+    assert fetch_model_cached(run, tmp_path / "models", env["QA_S3_ENDPOINT_URL"]) == first and len(gets) == 2 * fetched
+    bucket, prefix = run[len("s3://"):].split("/", 1)
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=env["QA_S3_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    client.put_object(Bucket=bucket, Key=f"{prefix}/model/README.md", Body=b"rewritten in place")
+    again = fetch_model_cached(run, tmp_path / "models", env["QA_S3_ENDPOINT_URL"])
+    assert again != first and (again / "README.md").read_bytes() == b"rewritten in place"
+    assert [r.cache for r in caplog.records if getattr(r, "event", None) == "model_fetched"] == ["miss", "local", "miss", "miss"]
