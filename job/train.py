@@ -41,7 +41,8 @@ def precision_for(settings) -> str:
 
 
 class Fp32Head(torch.nn.Linear):
-    """The QA head computed in fp32 even under autocast: start/end logits keep fp32 resolution.
+    """The QA head computed in fp32 even under autocast: start/end logits are accumulated and kept in fp32
+    (with TF32 on, its matmul rounds the inputs to TF32's 10-bit mantissa, as every fp32 matmul then does).
 
     Under bf16 autocast the head's matmul would round every logit to 8 bits of mantissa, so two
     spans tie that fp32 tells apart, and a GPU night's answers would not be comparable with the
