@@ -58,10 +58,14 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     assert ref_manifest["distillation"]["alpha"] == 0.3 and ref_manifest["distillation"]["temperature"] == 3.0
     assert "distilled from" in (out / "reference" / "model" / "README.md").read_text()
 
-    killed = run_job(env("resumed", "work-1"), module="tests.support.killer", args=("slow:train_step=0.15,kill:train_step@3",))
+    # killed after step 3, once checkpoint-2 is committed: its upload runs beside training, so a kill timed by
+    # steps alone raced it (and lost under load). The commit is held 1 s, slower than a step, so the kill
+    # follows it only because the killer waits for it
+    killed = run_job(env("resumed", "work-1"), module="tests.support.killer",
+                     args=("pause:put_bytes:COMMIT.json=1,wait:train_step@3=committed,kill:train_step@3",))
     assert killed.returncode == -9, killed.stderr + killed.stdout[-2000:]
     committed = {int(p.parent.name.split("-")[1]) for p in (out / "resumed" / "checkpoints").glob("*/COMMIT.json")}
-    assert committed and not (out / "resumed" / "model").exists()
+    assert committed == {2} and not (out / "resumed" / "model").exists()
     assert killed.event("teacher")[0]["run"] == "teacher-1"
     assert operator(out, "promote", "--channel", "teachers", "--run", "teacher-2") == 0
 
@@ -70,7 +74,7 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     rerun = run_job(env("resumed", "work-3"))
     assert rerun.returncode == 0, rerun.stderr + rerun.stdout[-3000:]
     assert rerun.event("teacher")[0]["run"] == "teacher-1" and rerun.event("teacher")[0]["pinned"]
-    assert rerun.event("resume")[0]["step"] in committed
+    assert rerun.event("resume")[0]["step"] == 2
     assert rerun.event("teacher_logits")[0]["cache"] == "remote"
     weights, answers, manifest = published(out, "resumed")
     assert weights.keys() == ref_weights.keys()

@@ -9,12 +9,15 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
   pause:features#0=12            a hook with #R fires only in the process of LOCAL_RANK R (torchrun)
+  wait:train_step@3=committed    at the 3rd training step, wait until the hook ``committed`` fired
+                                 (once; 120 s at most): a kill listed after it then never races an upload
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; features (before the features are built or read); data_list (before a data folder or prefix is listed) and data_fetch (before a
-single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
-pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
-the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
-itself is unmodified: only these functions are wrapped.
+evaluate, stage; committed (after a checkpoint's upload: on rank 0, once its marker is written);
+features (before the features are built or read); data_list (before a data folder or prefix is
+listed) and data_fetch (before a single data file is fetched); and the promotion steps: promote
+(entered after COMPLETE), pointer_read (after a channel pointer is read), decided (after
+promotion.json is written, before the pointer moves), pointer_write (after the pointer moved,
+before its history entry). The job itself is unmodified: only these functions are wrapped.
 """
 from __future__ import annotations
 
@@ -38,13 +41,14 @@ def parse(spec: str):
             rest, value = rest.rsplit("=", 1)
         if "@" in rest:
             rest, at = rest.rsplit("@", 1)
-        if verb != "meet" and at is not None:
+        if verb not in ("meet", "wait") and at is not None:
             value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
         hook, _, local_rank = hook.partition("#")
         if local_rank and local_rank != os.environ.get("LOCAL_RANK", "0"):
             continue
-        actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "at": int(at or 1), "count": 0})
+        value = value if verb == "wait" else float(value)  # wait:hook@n=other: the value names the awaited hook
+        actions.append({"verb": verb, "hook": hook, "match": match, "value": value, "at": int(at or 1), "count": 0})
     return actions
 
 
@@ -58,13 +62,19 @@ def install(actions) -> None:
     import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
     import job.preprocess
     import job.publish
+    import job.store.checkpoints
     import job.store.lease
     import job.store.storage
     import job.train
 
     lock = threading.Lock()
+    fired = threading.Condition(lock)
+    times: dict[str, int] = {}  # how often each hook fired, for ``wait``
 
     def fire(hook: str, key: str = "") -> None:
+        with fired:
+            times[hook] = times.get(hook, 0) + 1
+            fired.notify_all()
         for a in actions:
             if a["hook"] != hook or (a["match"] and a["match"] not in key):
                 continue
@@ -75,6 +85,10 @@ def install(actions) -> None:
                 time.sleep(a["value"])
             elif a["verb"] == "meet" and count == a["at"]:
                 meet(int(a["value"]))
+            elif a["verb"] == "wait":
+                if count == a["at"]:
+                    with fired:
+                        fired.wait_for(lambda: times.get(a["value"], 0) > 0, timeout=120)
             elif count == int(a["value"]) and a["verb"] == "raise":
                 raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
             elif count == int(a["value"]):
@@ -101,6 +115,7 @@ def install(actions) -> None:
         for name in ("put_file", "put_bytes", "delete", "get_file"):
             wrap(cls, name, name, keyed=True)
     wrap(job.store.lease.Lease, "acquire", "lease", before=False)
+    wrap(job.store.checkpoints.CheckpointSync, "__call__", "committed", before=False)
     wrap(job.train, "train", "train_end", before=False)  # the pipeline imports both where training starts
     wrap(job.evaluate, "evaluate", "evaluate")
     wrap(job.publish, "stage", "stage")
