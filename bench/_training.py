@@ -154,3 +154,113 @@ def epoch_token_shares(windows_job, windows_tut, batch: int, seed: int = 42) -> 
     tut_real = sum(sum(m) for m in windows_tut["attention_mask"])
     tut_total = sum(len(m) for m in windows_tut["attention_mask"])
     return real / padded, tut_real / tut_total, real / len(lengths)
+
+
+SYNC_MESSAGE = "called a synchronizing CUDA operation"  # what torch's sync debug mode warns, at each sync
+
+
+class SyncList:
+    """Every host-device sync torch reports during training steps ``first``..``last`` (1-based), by site.
+
+    ``torch.cuda.set_sync_debug_mode("warn")`` is switched on at the end of step ``first - 1`` and
+    off at the end of step ``last``: each recorded step's batch fetch and copy, forward, backward,
+    optimizer step and callbacks are inside. torch warns once per sync (a ``.item()``, a tensor
+    read into Python, a blocking copy); each warning is kept with the innermost Python frame
+    outside torch, and the innermost frame of all, that led to it. Without CUDA nothing can be
+    recorded: ``simulate`` (``--smoke``) then warns once per recorded step from here, so the
+    recording and grouping still run.
+    """
+
+    def __init__(self, first: int, last: int, cuda: bool, simulate: bool = False):
+        self.first, self.last, self.cuda, self.simulate = max(first, 1), max(last, first, 1), cuda, simulate
+        self.sites: dict[str, int] = {}
+        self.steps = 0
+        self._saved = None
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class SyncSteps(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if recorder.first == 1:
+                    recorder._start()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                step = state.global_step
+                if recorder._saved is not None:
+                    recorder.steps += 1
+                    if recorder.simulate:
+                        import warnings
+
+                        warnings.warn(SYNC_MESSAGE, stacklevel=1)
+                if step == recorder.first - 1:
+                    recorder._start()
+                elif step >= recorder.last:
+                    recorder._stop()
+
+            def on_train_end(self, args, state, control, **kwargs):
+                recorder._stop()
+
+        return SyncSteps()
+
+    def _start(self) -> None:
+        import warnings
+
+        if self._saved is not None:
+            return
+        context = warnings.catch_warnings()
+        context.__enter__()
+        warnings.filterwarnings("always", message=SYNC_MESSAGE)  # every sync, not the first per line
+        original = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if SYNC_MESSAGE in str(message):
+                self._record()
+            else:
+                original(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        self._saved = context
+        if self.cuda:
+            import torch
+
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def _stop(self) -> None:
+        if self._saved is None:
+            return
+        if self.cuda:
+            import torch
+
+            torch.cuda.set_sync_debug_mode("default")
+        self._saved.__exit__(None, None, None)
+        self._saved = None
+
+    def _record(self) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if not f.filename.endswith(("warnings.py", "_training.py"))]
+        if not frames:
+            return
+        inner = frames[-1]
+        outside = next((f for f in reversed(frames) if "/torch/" not in f.filename), inner)
+        site = _frame(outside) + ("" if outside is inner else f" -> {_frame(inner)}")
+        self.sites[site] = self.sites.get(site, 0) + 1
+
+    def summary(self) -> dict:
+        return {"steps": [self.first, self.last], "recorded_steps": self.steps, "cuda": self.cuda,
+                "simulated": self.simulate and not self.cuda, "syncs": sum(self.sites.values()),
+                "sites": [{"where": w, "count": n} for w, n in sorted(self.sites.items(), key=lambda kv: -kv[1])]}
+
+
+def _frame(frame) -> str:
+    """``package/module.py:line (function)``: the path from its package down, whatever the install prefix."""
+    path = frame.filename
+    for marker in ("/site-packages/", "/dist-packages/", "/bench/", "/job/"):
+        if marker in path:
+            path = (marker.strip("/") + "/" if marker in ("/bench/", "/job/") else "") + path.split(marker, 1)[1]
+            break
+    return f"{path}:{frame.lineno} ({frame.name})"
