@@ -11,6 +11,7 @@
    gate, which re-scores the holder on CUDA because tonight's eval set is another one
    (``holder_rescored``). The holder's F1 re-scored is set beside its own published predictions'
    F1 on the same questions. One run for both: each job start costs seconds of the five minutes.
+   The night is never promoted (``QA_GATE_MIN=100``), so a rerun finds the same holder and teacher.
 4. ``cuda_required`` (``--smoke`` only, no GPU there): ``QA_DEVICE=cuda`` is exit 2 with the reason.
 """
 from __future__ import annotations
@@ -137,7 +138,7 @@ def stop_and_resume(env: dict, data: Path, args, work: Path, deadline, report: d
     """Eager (``QA_COMPILE=false``): SIGTERM once training is under way; exit 143 with the stop's checkpoint committed;
     the rerun resumes from that step and completes."""
     stop_at = 2 if args.smoke else 40
-    settings = job_env(data, args.kit, args.smoke, work, "device-resume", QA_COMPILE="false",
+    settings = job_env(data, args.kit, args.smoke, work, f"device-resume-{time.strftime('%H%M%S')}", QA_COMPILE="false",
                        QA_MAX_STEPS="8" if args.smoke else "200", QA_MAX_TRAIN_SAMPLES="64" if args.smoke else "3200",
                        QA_MAX_EVAL_SAMPLES="16" if args.smoke else "200", QA_LOGGING_STEPS="1" if args.smoke else "5")
     log = args.out / "resume.log"
@@ -166,9 +167,13 @@ def distill_night(env: dict, data: Path, args, work: Path, deadline, report: dic
     if not holder.is_dir():
         raise RuntimeError(f"needs the job step's published model ({holder}): run the job step first")
     questions = NIGHT_EVAL[1] if args.smoke else NIGHT_EVAL[0]
-    settings = job_env(data, args.kit, args.smoke, work, "device-distill-night", QA_CHANNEL=CHANNEL,
-                       QA_TEACHER_CHANNEL=CHANNEL, QA_COMPILE="false", QA_MAX_TRAIN_SAMPLES="48" if args.smoke else "1600",
-                       QA_MAX_STEPS="4" if args.smoke else "60", QA_MAX_EVAL_SAMPLES=str(questions),
+    # a run id of its own in every call (a rerun with --only starts afresh), trained even if an earlier night had its
+    # recipe, and never promoted (QA_GATE_MIN=100: below the floor; the holder is re-scored all the same), so the job's
+    # model stays the holder and the teacher for a rerun
+    settings = job_env(data, args.kit, args.smoke, work, f"device-night-{time.strftime('%H%M%S')}", QA_CHANNEL=CHANNEL,
+                       QA_TEACHER_CHANNEL=CHANNEL, QA_SKIP_UNCHANGED="false", QA_GATE_MIN="100", QA_COMPILE="false",
+                       QA_MAX_TRAIN_SAMPLES="48" if args.smoke else "1600", QA_MAX_STEPS="4" if args.smoke else "60",
+                       QA_MAX_EVAL_SAMPLES=str(questions),
                        QA_LOGGING_STEPS="1" if args.smoke else "10")
     job = Job(env, settings, args.out / "distill-night.log")
     code = job.finish(timeout=deadline.left() - 5)
