@@ -156,3 +156,55 @@ def test_train_selection_has_one_spelling_and_is_in_the_fingerprint():
     assert s.train_select == "newest:7"
     plain = load_settings({"QA_TRAIN_URI": "s3://bucket/drops/"})
     assert digest(training_inputs(s, "t", "e")) != digest(training_inputs(plain, "t", "e"))
+
+
+# Every duration the job waits on: a field ending in _seconds or _minutes, plus the retry count
+# that multiplies the backoff. A duration field added later without a ceiling fails here.
+_DURATIONS = sorted(f for f in __import__("job.settings").settings.Settings.model_fields
+                    if f.endswith(("_seconds", "_minutes"))) + ["storage_attempts"]
+
+
+def test_the_duration_table_covers_the_known_durations():
+    assert {"stop_grace_seconds", "lease_seconds", "storage_backoff_seconds", "storage_timeout_seconds",
+            "checkpoint_minutes", "storage_attempts"} <= set(_DURATIONS)
+
+
+@pytest.mark.parametrize("field", _DURATIONS)
+def test_every_duration_is_bounded_and_named(field):
+    # QA_STOP_GRACE_SECONDS=1e10 was accepted, and every run then died with OverflowError after training
+    for huge in ("1e10", "1e300", "9223372037"):
+        msg = problems({f"QA_{field.upper()}": huge})
+        assert f"QA_{field.upper()}:" in msg, msg
+
+
+def test_the_longest_grace_allowed_waits_without_overflow():
+    """What the grace feeds (the upload wait, the stop deadline) takes the largest value settings accept."""
+    import threading
+
+    from job.runtime.preemption import StopRequest
+    from job.settings import MAX_GRACE_SECONDS, MAX_LEASE_SECONDS
+    from job.store.uploader import Uploader
+
+    s = load_settings({"QA_STOP_GRACE_SECONDS": str(MAX_GRACE_SECONDS), "QA_LEASE_SECONDS": str(MAX_LEASE_SECONDS),
+                       "QA_CHECKPOINT_MINUTES": "10080", "QA_STORAGE_ATTEMPTS": "100"})
+    release = threading.Event()
+    uploader = Uploader(lambda step, folder: release.wait(5), 0.0)
+    uploader.submit(1, __import__("pathlib").Path("/nonexistent-checkpoint"))
+    threading.Timer(0.2, release.set).start()
+    assert uploader.close(s.stop_grace_seconds)  # Event.wait(1e10) raised OverflowError here
+    stop = StopRequest(s.stop_grace_seconds, on_deadline=lambda _: None)
+    stop.request("test")
+    assert 0 < stop.time_left() <= MAX_GRACE_SECONDS and stop.wait(0)
+
+
+@pytest.mark.parametrize("grace, expected", [
+    (None, "150"), ("5", "35"), ("86400", "86430"),
+    # the workers refuse these with exit 2; the launcher must not die on them first (inf: OverflowError)
+    ("inf", "150"), ("1e400", "150"), ("nan", "150"), ("x", "150"), ("1e10", "150"), ("-3", "150"),
+])
+def test_the_launcher_gives_torchrun_the_grace_without_crashing(grace, expected):
+    from job import launch
+    from job.settings import MAX_GRACE_SECONDS
+
+    assert launch.shutdown_timeout(grace) == expected
+    assert launch._MAX_GRACE == MAX_GRACE_SECONDS  # one ceiling, stated twice (launch sits beside settings)
