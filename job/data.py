@@ -171,14 +171,23 @@ def _choose(name: str, uri: str, store, root: Path | None, settings: Settings) -
         raise DataError(f"{uri}: no data files under this prefix (supported: .json, .jsonl, .ndjson, .parquet, .csv"
                         f"{'; skipped ' + ', '.join(f.key for f in skipped[:3]) if skipped else ''})")
     selection = listing.parse_selection(settings.train_select) if name == "train" else listing.ALL
-    chosen = listing.select(use, selection, dt.datetime.now(dt.timezone.utc).date(), uri)
+    now = dt.datetime.now(dt.timezone.utc)
+    ahead = listing.dated_ahead(use, selection, now)
+    if ahead:  # a date after today is a mistake, not the newest data: never chosen, always said
+        log.warning("data files dated in the future skipped", extra={
+            "event": "data_files_future", "source": uri, "select": str(selection), "count": len(ahead),
+            "today": now.date().isoformat(), "files": [f.key for f in ahead[:20]]})
+        skip = {f.key for f in ahead}
+        use = [f for f in use if f.key not in skip]
+    chosen = listing.select(use, selection, now.date(), uri)
     if selection != listing.ALL:
         log.info("data files selected", extra={"event": "data_selected", "split": name, "source": uri, "select": str(selection),
                                                "files": len(chosen), "of": len(use),
                                                "first": chosen[0].key if chosen else None, "last": chosen[-1].key if chosen else None})
     if not chosen:
-        raise DataError(f"{uri}: QA_TRAIN_SELECT={selection} left none of its {len(use)} data files "
-                        f"(newest by key: {use[-1].key})")
+        raise DataError(f"{uri}: QA_TRAIN_SELECT={selection} left none of its {len(use) + len(ahead)} data files "
+                        f"({f'newest by key: {use[-1].key}' if use else 'every one'}"
+                        f"{f'; {len(ahead)} dated after today' if ahead else ''})")
     return chosen, str(selection)
 
 

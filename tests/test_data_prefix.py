@@ -196,3 +196,22 @@ def test_a_selection_needs_a_folder(tmp_path):
     path.write_bytes(jsonl(ROWS[:3]))
     with pytest.raises(ConfigError, match="QA_TRAIN_SELECT=newest:2: selects files of a folder or prefix"):
         load_select(str(path), tmp_path, {}, "newest:2")
+
+
+def test_files_dated_in_the_future_are_skipped_and_said(prefix, tmp_path, caplog):
+    """days:D kept a file dated 2099 every night: it is skipped, with a data_files_future event."""
+    import datetime as dt
+
+    put, delete, uri, env = prefix
+    today = dt.datetime.now(dt.timezone.utc).date()
+    put(f"{today}/part.jsonl", jsonl(ROWS[:5]))
+    put("2099-01-01/part.jsonl", jsonl(ROWS[5:10]))
+    with caplog.at_level(logging.WARNING, logger="job.data"):
+        split = load_select(uri, tmp_path, env, "days:7")
+    assert [f.key for f in split.files] == [f"{today}/part.jsonl"]
+    (event,) = [r for r in caplog.records if getattr(r, "event", None) == "data_files_future"]
+    assert event.files == ["2099-01-01/part.jsonl"] and event.count == 1 and event.select == "days:7"
+    delete(f"{today}/part.jsonl")  # nothing left but the future: a data error that says why
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
+    with pytest.raises(DataError, match="dated after today"):
+        load_select(uri, tmp_path, env, "newest:1")
