@@ -181,7 +181,8 @@ def _claim(ctx: RunContext, inputs: dict, pins: dict, teacher_run: str | None) -
 
 def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict,
                                taught=None, teacher=None) -> None:
-    from job.evaluate import evaluate
+    from job.evaluate import check_scores, evaluate
+    from job.train import check_finite
 
     settings, ranks = ctx.settings, ctx.ranks
     args = ctx.args or _training_arguments(settings)
@@ -193,10 +194,12 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": device,
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
     train_metrics = _train_and_commit(ctx, trainer, uploader, resume)
+    check_finite(trainer)  # NaN weights are never evaluated, published or promoted (every rank has the same ones)
     # under torchrun a stop is not checked between batches: a rank leaving mid-prediction would leave the
     # others in a collective; the grace period covers an evaluation, and the stop is honoured after it
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings,
                                    stop=ctx.stop if ranks.world_size == 1 else None)
+    check_scores(scores)
     ctx.check_stop()
     if ranks.is_writer:
         context = {

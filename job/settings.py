@@ -39,6 +39,7 @@ MAX_BACKOFF_SECONDS = 30.0  # the cap each doubled retry delay already has (job/
 MAX_STORAGE_TIMEOUT_SECONDS = 600.0  # one storage call's connect/read timeout
 MAX_STORAGE_ATTEMPTS = 100  # with the 30 s cap: under an hour of retrying before exit 75
 MAX_CHECKPOINT_MINUTES = 10_080.0  # a week
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # QA_DISTILL_TEMPERATURE: the loss stays finite in fp32 between
 
 
 def _default_run_id() -> str:
@@ -78,7 +79,10 @@ class Settings(BaseSettings):
     teacher_model: str | None = Field(None, description="teacher QA model: hub id, folder, run folder or s3://.../model; unset = none")
     teacher_channel: str | None = Field(None, description="teacher = the model this channel's pointer names on QA_OUTPUT_URI")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the gold spans; 1 - alpha weighs the teacher's")
-    distill_temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the teacher's part")
+    # 0.1 to 100: 1e-46 was accepted, the teacher's logits over it overflowed fp32, and the student's
+    # weights went NaN; below 0.1 the softened distribution is the teacher's argmax in all but name
+    distill_temperature: float = Field(2.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+                                       description="softmax temperature of the teacher's part")
 
     # windows and decoding
     max_length: int = Field(384, ge=32, le=8192)

@@ -208,3 +208,18 @@ def test_the_launcher_gives_torchrun_the_grace_without_crashing(grace, expected)
 
     assert launch.shutdown_timeout(grace) == expected
     assert launch._MAX_GRACE == MAX_GRACE_SECONDS  # one ceiling, stated twice (launch sits beside settings)
+
+
+@pytest.mark.parametrize("value", ["1e-46", "0.05", "0", "101", "1e300"])
+def test_a_distillation_temperature_that_breaks_the_loss_is_refused(value):
+    # 1e-46 was accepted: NaN weights, a logged loss of 0.0, exit 0, and a fresh channel promoted the model
+    assert "QA_DISTILL_TEMPERATURE:" in problems({"QA_TEACHER_MODEL": "t", "QA_DISTILL_TEMPERATURE": value})
+
+
+def test_the_trainer_does_not_hide_a_non_finite_loss():
+    from job.train import training_arguments
+    from job.runtime.recipe import Recipe
+
+    s = load_settings({"QA_DEVICE": "cpu", "QA_REPORT_TO": "none"})
+    args = training_arguments(s, "/tmp/unused-trainer-dir", "fp32", Recipe(False, False, False, False, 0, None))
+    assert args.logging_nan_inf_filter is False  # its default logged a diverged run's loss as 0.0
