@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from job import safe_json
 from job import distill, publish
 from job.channels import nightly, promotion
 from job.data import Split, load_split, load_splits
@@ -215,7 +215,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
                                  "logits_cache": taught.cache}} if teacher and taught else {}),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
-        metrics = json.loads((root / "metrics.json").read_text())
+        metrics = safe_json.loads((root / "metrics.json").read_text())
         publish.publish(root, ctx.store, ctx.stop)
         summary.log_summary(settings, metrics)
 

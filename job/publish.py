@@ -13,6 +13,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from job import safe_json
 from job.errors import ConfigError
 from job.observe import curves, model_card
 from job.observe.redaction import redact
@@ -78,7 +79,7 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
         pass
     raw, _ = store.get_bytes(RUN_RECORD)
     try:
-        earlier = json.loads(raw)
+        earlier = safe_json.loads(raw)
         same = earlier["fingerprint"] == record["fingerprint"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{store.uri}/{RUN_RECORD} is not a run record; delete {store.uri} to start the run over") from None
@@ -105,7 +106,7 @@ def pinned_teacher(record: dict) -> str | None:
 def run_record(store: Storage) -> dict:
     """run.json as a dict; empty when there is none yet or it is not a JSON object (the claim names that)."""
     try:
-        record = json.loads(store.get_bytes(RUN_RECORD)[0])
+        record = safe_json.loads(store.get_bytes(RUN_RECORD)[0])
     except (NotFound, ValueError, UnicodeDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -171,7 +172,7 @@ def staged_results(settings, inputs: dict) -> Path | None:
     if not (root / STAGED).is_file():
         return None
     try:
-        binding = json.loads((root / BINDING).read_text())
+        binding = safe_json.loads((root / BINDING).read_text())
     except (OSError, ValueError):
         binding = None
     if binding != _binding(settings, inputs):
@@ -205,7 +206,7 @@ def publish(root: Path, store: Storage, stop=None) -> None:
                                                          if p.is_relative_to(root / "logs")})
     if stop is not None:
         stop.check()
-    metrics = json.loads((root / "metrics.json").read_text())
+    metrics = safe_json.loads((root / "metrics.json").read_text())
     store.put_bytes(COMPLETE, json.dumps({"completed_at": time.time(), "files": len(files),
                                           "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}).encode())
     log.info("published", extra={"event": "published", "uri": store.uri, "files": len(files)})

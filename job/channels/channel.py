@@ -26,6 +26,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from job import safe_json
 from job.channels.pointer import encode
 from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
@@ -112,7 +113,7 @@ class Channel:
 
     def parse(self, raw: bytes, where: str) -> dict:
         try:
-            pointer = json.loads(raw)
+            pointer = safe_json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise CorruptPointer(f"{where} is not JSON; nothing was moved (restore it from the channel's history, "
                                  "see README 'Nightly retraining and channels')") from None
@@ -255,7 +256,7 @@ class Channel:
         for key in self.store.list(prefix):
             run_id = key[len(prefix):].removesuffix(".json")
             try:
-                record = json.loads(self.store.get_bytes(key)[0])
+                record = safe_json.loads(self.store.get_bytes(key)[0])
             except (NotFound, ValueError, UnicodeDecodeError):
                 continue
             if is_run_id(run_id) and isinstance(record, dict) and is_run_id(record.get("from_run")):
@@ -265,7 +266,7 @@ class Channel:
     def run_record(self, run_id: str) -> dict | None:
         """The channel's record of one gated run, or None (missing or unusable)."""
         try:
-            record = json.loads(self.store.get_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json")[0])
+            record = safe_json.loads(self.store.get_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json")[0])
         except (NotFound, ValueError, UnicodeDecodeError):
             return None
         return record if isinstance(record, dict) and record.get("run_id") == run_id else None
@@ -279,7 +280,7 @@ class Channel:
             if not is_run_id(run_id):
                 continue
             try:
-                record = json.loads(self.store.get_bytes(key)[0])
+                record = safe_json.loads(self.store.get_bytes(key)[0])
             except (NotFound, ValueError, UnicodeDecodeError):
                 continue
             if isinstance(record, dict) and record.get("run_id") == run_id and isinstance(record.get("decided_at"), str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 
+from job import safe_json
 from job.channels import gate
 from job.channels.channel import MAX_TRIES, ChannelBusy, open_channel
 from job.channels.nightly import DECISION
@@ -158,7 +159,7 @@ def _eval_rows(settings, store):
 
 def _predictions(store, key: str, run_id: str) -> dict[str, str]:
     try:
-        value = json.loads(store.get_bytes(key)[0])
+        value = safe_json.loads(store.get_bytes(key)[0])
     except NotFound:
         raise DataError(f"run {run_id}: {key} is missing") from None
     except (ValueError, UnicodeDecodeError):
@@ -170,7 +171,7 @@ def _predictions(store, key: str, run_id: str) -> dict[str, str]:
 
 def _read_json(store, key: str):
     try:
-        return json.loads(store.get_bytes(key)[0])
+        return safe_json.loads(store.get_bytes(key)[0])
     except (NotFound, ValueError, UnicodeDecodeError):
         return None
 

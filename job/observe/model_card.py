@@ -6,10 +6,10 @@ hub id, never by a path on the machine that trained it.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from job import safe_json
 from job.observe.curves import FILENAME as CURVES
 from job.store.locations import is_s3
 
@@ -34,7 +34,7 @@ def base_model(model_name: str) -> tuple[str | None, str]:
             return hub_id, f"`{hub_id}`"
     kind, origin = "", None
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = safe_json.loads((path / "config.json").read_text())
         kind = f"{config.get('model_type')} " if isinstance(config.get("model_type"), str) else ""
         named = config.get("_name_or_path")
         if isinstance(named, str) and _HUB_ID.fullmatch(named) and not named.startswith("."):

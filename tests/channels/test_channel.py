@@ -267,3 +267,19 @@ def test_corrupted_pointer_is_a_data_error_and_can_be_repaired(tmp_path, capsys)
     code, stdout, _ = cli(capsys, out, "promote", "--channel", "prod", "--run", "b", "--repair", "--reason", "fix")
     assert code == 0 and json.loads(stdout)["seq"] == 2 and json.loads(stdout)["previous"] == "a"
     assert [e["run_id"] for e in json.loads(cli(capsys, out, "history", "--channel", "prod")[1])] == ["a", "b"]
+
+
+def test_a_pointer_nested_100000_deep_is_corrupt_and_can_be_repaired(tmp_path, capsys):
+    """It was exit 1 with RecursionError for every command, and --repair could not tell it was corrupt."""
+    out = tmp_path / "out"
+    for run in ("a", "b"):
+        fake_run(LocalStorage(out), run)
+    assert cli(capsys, out, "promote", "--channel", "prod", "--run", "a")[0] == 0
+    (out / "channels" / "prod.json").write_bytes(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    for args in (("show",), ("promote", "--run", "b"), ("rollback",), ("hold",)):
+        code, _, err = cli(capsys, out, *args, "--channel", "prod")
+        assert code == EXIT_DATA, err
+        one_line(err, "channels/prod.json is not JSON; nothing was moved")
+    code, stdout, _ = cli(capsys, out, "promote", "--channel", "prod", "--run", "b", "--repair")
+    assert code == 0 and json.loads(stdout)["run_id"] == "b" and json.loads(stdout)["previous"] == "a"
+    assert cli(capsys, out, "show", "--channel", "prod")[0] == 0
