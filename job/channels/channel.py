@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -36,6 +37,11 @@ from job.store.storage import LocalStorage, NotFound, NotImplementedByStore, Pre
 log = logging.getLogger(__name__)
 PREFIX = "channels/"
 MAX_TRIES = 5  # compare-and-swap attempts before giving up (exit 75: a rerun tries again)
+
+
+# What this job names a history entry: <seq>.json, ASCII digits, no leading zero. str.isdigit() took
+# "²" for a digit, and int("²") then failed every command of the channel with exit 1.
+_HISTORY_ENTRY = re.compile(r"(0|[1-9][0-9]{0,17})\.json")
 
 
 class CorruptPointer(DataError):
@@ -94,6 +100,7 @@ class Channel:
         self.key = f"{PREFIX}{name}.json"
         self.where = f"{store.uri}/{self.key}"
         self._probed = False
+        self._stray_said = False  # channel_history_ignored: once per command or night, not once per listing
 
     # ------------------------------------------------------------------ reading
     def read(self) -> Version | None:
@@ -129,12 +136,19 @@ class Channel:
                 for seq in self.history_seqs()]
 
     def history_seqs(self) -> list[int]:
+        """The seqs of the history entries, in order; any other file in the history folder is ignored, and said once."""
         prefix = f"{PREFIX}{self.name}/history/"
-        seqs = []
+        seqs, stray = [], []
         for key in self.store.list(prefix):
-            stem = key[len(prefix):].removesuffix(".json")
-            if stem.isdigit() and key.endswith(".json") and str(int(stem)) == stem:
-                seqs.append(int(stem))
+            match = _HISTORY_ENTRY.fullmatch(key[len(prefix):])
+            if match:
+                seqs.append(int(match[1]))
+            else:
+                stray.append(key[len(prefix):])
+        if stray and not self._stray_said:
+            self._stray_said = True
+            log.warning("files that are not history entries ignored in a channel's history folder", extra={
+                "event": "channel_history_ignored", "channel": self.name, "count": len(stray), "files": stray[:20]})
         return sorted(seqs)
 
     def next_seq(self, current: dict | None) -> int:
