@@ -28,6 +28,7 @@ from typing import Iterable, Iterator
 
 from job.errors import ConfigError, DataError, StorageUnavailable
 from job.formats import FORMATS, from_flat, iter_file_rows, read_rows, validated
+from job.observe.redaction import MASK, redact_text
 from job.rows import CHUNK, RowWriter, head, open_rows
 from job.settings import Settings
 from job.store import listing
@@ -123,7 +124,11 @@ def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settin
     root = None if s3 else local_path(uri)
     if root is not None and not root.is_dir():
         raise DataError(f"{uri}: data folder not found")
-    chosen = listing.pinned(pinned_record, uri)
+    # run.json keeps a credential in the URI or a key masked (job.observe.redaction); rank 0's pin is as read
+    chosen = listing.pinned(pinned_record, uri) or listing.pinned(pinned_record, redact_text(uri))
+    if chosen is not None and any(MASK in f.key for f in chosen):
+        everything = listing.list_store(store) if store is not None else listing.list_local(root)
+        chosen = listing.unmask(chosen, everything, redact_text, MASK)
     if chosen is not None:
         selection = pinned_record["select"]
         log.info("reading the data files pinned for this run (by its first attempt, or by rank 0)", extra={

@@ -5,7 +5,6 @@ rerun on the same work directory uploads the staged files without training again
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 from job import safe_json
 from job.errors import ConfigError
 from job.observe import curves, model_card
-from job.observe.redaction import redact
+from job.observe.redaction import artifact_json
 from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.store.locations import is_run_id
 from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
@@ -66,14 +65,14 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
     """
     # recipe and eval fingerprint: what a channel compares (skip-if-unchanged, re-scoring the holder)
     record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "recipe": recipe(inputs),
-              "eval_fingerprint": eval_fingerprint(inputs), "inputs": redact(inputs),
+              "eval_fingerprint": eval_fingerprint(inputs), "inputs": inputs,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if data_files:
         record[DATA_FILES] = data_files
     if teacher_run:
         record[TEACHER_RUN] = teacher_run
     try:
-        store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)
+        store.put_bytes(RUN_RECORD, artifact_json(record, indent=1), if_none_match=True)
         return
     except PreconditionFailed:
         pass
@@ -142,10 +141,11 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     model_card.write_card(model_dir / "README.md", settings, metrics, context)
     if "tensorboard" in settings.trackers:
         tracking.stage_events(tracking.logging_dir(settings), root / "logs")
-    atomic_write(root / "metrics.json", json.dumps(metrics, indent=2).encode())
-    atomic_write(root / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False).encode())
-    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
-    atomic_write(root / BINDING, json.dumps(_binding(settings, inputs)).encode())
+    # every JSON artifact through the one encoder: a credential in a data key or a teacher's path is masked
+    atomic_write(root / "metrics.json", artifact_json(metrics, indent=2))
+    atomic_write(root / "predictions.json", artifact_json(predictions, indent=1, ensure_ascii=False))
+    atomic_write(root / "manifest.json", artifact_json(manifest, indent=2))
+    atomic_write(root / BINDING, artifact_json(_binding(settings, inputs)))
     atomic_write(root / STAGED, b"")
     return root
 
@@ -207,8 +207,8 @@ def publish(root: Path, store: Storage, stop=None) -> None:
     if stop is not None:
         stop.check()
     metrics = safe_json.loads((root / "metrics.json").read_text())
-    store.put_bytes(COMPLETE, json.dumps({"completed_at": time.time(), "files": len(files),
-                                          "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}).encode())
+    store.put_bytes(COMPLETE, artifact_json({"completed_at": time.time(), "files": len(files),
+                                             "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}))
     log.info("published", extra={"event": "published", "uri": store.uri, "files": len(files)})
     shutil.rmtree(root, ignore_errors=True)
 

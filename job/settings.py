@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import ConfigError
-from job.observe.redaction import redact
+from job.observe.redaction import holds_secret, redact
 from job.observe.trackers import tracker_problems
 from job.store.listing import parse_selection
 from job.store.locations import UnsafeName, check_channel_name, is_run_id, is_s3, join, parse_s3
@@ -344,4 +344,11 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
     if s.trackers:
         problems.extend(f"QA_REPORT_TO: {p}" for p in tracker_problems(s.trackers))
+    # artifacts mask a credential wherever it appears (job.observe.redaction), but these become object
+    # keys in storage (or, the work dir, paths inside checkpoints), which no mask can reach
+    for field in ("run_id", "output_uri", "work_dir", "channel", "teacher_channel"):
+        value = getattr(s, field)
+        if value and holds_secret(value):
+            problems.append(f"{env_name(field)}: holds a credential (the value of a secret variable of this process, or "
+                            "user:password@); it would be part of every object name the run writes")
     return problems

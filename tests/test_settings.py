@@ -223,3 +223,14 @@ def test_the_trainer_does_not_hide_a_non_finite_loss():
     s = load_settings({"QA_DEVICE": "cpu", "QA_REPORT_TO": "none"})
     args = training_arguments(s, "/tmp/unused-trainer-dir", "fp32", Recipe(False, False, False, False, 0, None))
     assert args.logging_nan_inf_filter is False  # its default logged a diverged run's loss as 0.0
+
+
+@pytest.mark.parametrize("field", ["QA_RUN_ID", "QA_OUTPUT_URI", "QA_WORK_DIR", "QA_CHANNEL", "QA_TEACHER_CHANNEL"])
+def test_a_credential_in_a_name_that_becomes_an_object_key_is_refused(field):
+    """Artifacts mask a credential; an object's own key cannot be masked, so such a name is refused at start."""
+    from job.observe.redaction import register_secrets
+
+    register_secrets({"NAME_TEST_TOKEN": "nameTok7361x"})
+    value = {"QA_OUTPUT_URI": "s3://bucket/nameTok7361x/runs", "QA_WORK_DIR": "/scratch/nameTok7361x"}.get(field, "nightly-nameTok7361x")
+    msg = problems({field: value})
+    assert f"{field}: holds a credential" in msg and "nameTok7361x" not in msg

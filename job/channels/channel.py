@@ -21,7 +21,6 @@ Nothing read here is trusted: a pointer or history entry of the wrong shape is a
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
@@ -31,6 +30,7 @@ from job import safe_json
 from job.channels.pointer import encode
 from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
+from job.observe.redaction import artifact_json
 from job.store.locations import UnsafeName, check_channel_name, is_run_id
 from job.store.storage import LocalStorage, NotFound, NotImplementedByStore, PreconditionFailed, Storage
 
@@ -254,12 +254,12 @@ class Channel:
 
     # ------------------------------------------------------------------ runs gated for the channel
     def record_run(self, run_id: str, record: dict) -> None:
-        self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", json.dumps(record, indent=1, sort_keys=True).encode())
+        self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", artifact_json(record, indent=1, sort_keys=True))
 
     def record_start(self, run_id: str, from_run: str) -> None:
         """Run ``run_id`` (not complete yet) starts from ``from_run``'s model: retention keeps that model."""
         self.store.put_bytes(f"{PREFIX}{self.name}/starts/{run_id}.json",
-                             json.dumps({"run_id": run_id, "from_run": from_run}).encode())
+                             artifact_json({"run_id": run_id, "from_run": from_run}))
 
     def forget_start(self, run_id: str) -> None:
         self.store.delete(f"{PREFIX}{self.name}/starts/{run_id}.json")

@@ -7,11 +7,11 @@ check applied to every pointer and history entry read from storage.
 """
 from __future__ import annotations
 
-import json
 import time
 
 from job import safe_json
 from job.errors import ConfigError
+from job.observe.redaction import artifact_json
 from job.store.fingerprint import eval_fingerprint, recipe
 from job.store.locations import is_run_id, join
 from job.store.storage import NotFound, Storage
@@ -26,7 +26,7 @@ def now() -> str:
 
 
 def encode(pointer: dict) -> bytes:
-    return json.dumps(pointer, indent=1, sort_keys=True).encode()
+    return artifact_json(pointer, indent=1, sort_keys=True)
 
 
 def published_run(root: Storage, run_id: str) -> dict:

@@ -21,11 +21,11 @@ those folders again.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from job.channels.channel import Channel, CorruptPointer, channel_names
 from job.channels.pointer import now
+from job.observe.redaction import artifact_json
 from job.store.lease import KEY as LEASE
 from job.store.storage import NotFound
 
@@ -57,7 +57,7 @@ def prune(ctx, channel) -> None:
     decision = {"decided_at": now(), "keep_runs": keep, "kept": [r["run_id"] for r in records[-keep:]],
                 "protected_models": sorted(protected) if protected is not None else "all (a channel could not be read)",
                 "in_flight": untouched, "prune": plan}
-    ctx.store.put_bytes("retention.json", json.dumps(decision, indent=1).encode())
+    ctx.store.put_bytes("retention.json", artifact_json(decision, indent=1))
     log.info("pruning old runs of the channel", extra={"event": "retention", "channel": channel.name, **decision})
     ctx.lease.verify()
     by_id = {r["run_id"]: r for r in older}

@@ -14,7 +14,7 @@ import datetime as dt
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -167,6 +167,27 @@ def pinned(record, uri: str) -> list[DataFile] | None:
         return out or None
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def unmask(pinned_files: list[DataFile], listed: Iterable[DataFile], mask, masked: str) -> list[DataFile]:
+    """Pinned files whose key run.json keeps masked (it held a credential) back to the key they stand for.
+
+    ``mask`` is the redaction artifacts went through and ``masked`` its mark: a pinned key with the
+    mark in it matches the listed file whose key masks to it, with the pinned size (and ETag, on
+    S3). Anything else, or a match that is not unique, stays as pinned: reading it then fails as a
+    pinned file that is gone does, and the sha256 the pin holds is checked on every file read.
+    """
+    todo = [f for f in pinned_files if masked in f.key]
+    if not todo:
+        return list(pinned_files)
+    by_mask: dict[str, list[DataFile]] = {}
+    for f in listed:
+        by_mask.setdefault(mask(f.key), []).append(f)
+    out = []
+    for f in pinned_files:
+        found = [g for g in by_mask.get(f.key, []) if g.size == f.size and (not f.etag or g.etag == f.etag)]
+        out.append(replace(f, key=found[0].key) if masked in f.key and len(found) == 1 else f)
+    return out
 
 
 def _iso(seconds: float) -> str:
