@@ -98,15 +98,32 @@ def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = N
 
 
 def _channel_run(settings, setting: str) -> str:
-    from job.channels.channel import Channel, UnknownChannel
+    from job.channels.channel import UnknownChannel
+
+    try:
+        return _teacher_channel(settings).require().pointer["run_id"]
+    except UnknownChannel:
+        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+
+
+def hold_teacher(settings, teacher_run: str) -> None:
+    """On rank 0, before the run folder pins ``teacher_run``: the teacher channel's retention keeps that model
+    until this run is complete (a retry learns from it again, however far the channel has moved)."""
+    _teacher_channel(settings).record_student(settings.run_id, teacher_run)
+
+
+def release_teacher(settings) -> None:
+    """This run is complete: its pinned teacher is the teacher channel's retention's business again."""
+    _teacher_channel(settings).forget_student(settings.run_id)
+
+
+def _teacher_channel(settings):
+    from job.channels.channel import Channel
     from job.store.storage import RetryPolicy, open_storage
 
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     root = open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region)
-    try:
-        return Channel(root, settings.teacher_channel).require().pointer["run_id"]
-    except UnknownChannel:
-        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+    return Channel(root, settings.teacher_channel)
 
 
 def check_teacher(path: str, setting: str, student: str, max_length: int) -> None:

@@ -64,6 +64,8 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
                                                                                      "run_id": settings.run_id})
         elif not train_evaluate_publish(ctx):
             return  # QA_CHANNEL night with nothing new to learn
+        if ranks.is_writer and settings.teacher_channel:
+            distill.release_teacher(settings)  # complete: the teacher run it pinned need not be kept for it
         if ranks.is_writer and settings.channel:
             promotion.promote(ctx)  # gate against the channel's holder, move the pointer, prune old runs
 
@@ -175,6 +177,8 @@ def _rank0_data(ctx: RunContext, *splits: Split) -> tuple[Split, ...]:
 def _claim(ctx: RunContext, inputs: dict, pins: dict, teacher_run: str | None) -> bool:
     """On rank 0: bind the run folder to these inputs (and pin the data files read and a channel teacher's run);
     True when this work dir holds their staged results."""
+    if teacher_run:  # before the pin: from now on the teacher channel's retention keeps that model for this run
+        distill.hold_teacher(ctx.settings, teacher_run)
     publish.claim_run_folder(ctx.store, ctx.settings, inputs, pins, teacher_run)
     return publish.staged_results(ctx.settings, inputs) is not None
 

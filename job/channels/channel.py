@@ -256,17 +256,37 @@ class Channel:
     def record_run(self, run_id: str, record: dict) -> None:
         self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", artifact_json(record, indent=1, sort_keys=True))
 
+    # Models that runs not complete yet still need: starts/<run>.json names a warm-started run's start
+    # model (a run of this channel's), students/<run>.json the teacher run a distilled run pinned from
+    # this channel. Retention keeps those models while the run is in flight (job.channels.retention).
     def record_start(self, run_id: str, from_run: str) -> None:
         """Run ``run_id`` (not complete yet) starts from ``from_run``'s model: retention keeps that model."""
-        self.store.put_bytes(f"{PREFIX}{self.name}/starts/{run_id}.json",
-                             artifact_json({"run_id": run_id, "from_run": from_run}))
+        self._record_need("starts", run_id, from_run)
 
     def forget_start(self, run_id: str) -> None:
         self.store.delete(f"{PREFIX}{self.name}/starts/{run_id}.json")
 
     def starts(self) -> dict[str, str]:
         """``{run id: the run whose model it starts from}`` for every start record (unusable ones skipped)."""
-        prefix, out = f"{PREFIX}{self.name}/starts/", {}
+        return self._needs("starts")
+
+    def record_student(self, run_id: str, teacher_run: str) -> None:
+        """Run ``run_id`` (not complete yet) learns from ``teacher_run``'s model: retention keeps that model."""
+        self._record_need("students", run_id, teacher_run)
+
+    def forget_student(self, run_id: str) -> None:
+        self.store.delete(f"{PREFIX}{self.name}/students/{run_id}.json")
+
+    def students(self) -> dict[str, str]:
+        """``{run id: the teacher run it pinned}`` for every student record (unusable ones skipped)."""
+        return self._needs("students")
+
+    def _record_need(self, folder: str, run_id: str, model_run: str) -> None:
+        self.store.put_bytes(f"{PREFIX}{self.name}/{folder}/{run_id}.json",
+                             artifact_json({"run_id": run_id, "from_run": model_run}))
+
+    def _needs(self, folder: str) -> dict[str, str]:
+        prefix, out = f"{PREFIX}{self.name}/{folder}/", {}
         for key in self.store.list(prefix):
             run_id = key[len(prefix):].removesuffix(".json")
             try:
