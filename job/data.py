@@ -16,11 +16,13 @@ millions of ids), and named with both their files.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import errno
 import hashlib
 import json
 import logging
+import shutil
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from job.rows import CHUNK, RowWriter, head, open_rows
 from job.settings import Settings
 from job.store import listing
 from job.store.locations import UnsafeName, confine, join, local_path
+from job.store.scratch import temp_path
 from job.store.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
 log = logging.getLogger(__name__)
@@ -72,15 +75,17 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
         raise ConfigError(f"QA_TRAIN_SELECT={settings.train_select}: selects files of a folder or prefix, "
                           f"and QA_TRAIN_URI={uri or '(unset)'} is not one")
     files, pin = (), None
-    rows = _SplitRows(Path(settings.work_dir) / settings.run_id / "rows" / f"{name}.arrow", settings.squad_v2)
+    work = Path(settings.work_dir) / settings.run_id
+    rows = _SplitRows(work / "rows" / f"{name}.arrow", settings.squad_v2)
     try:
         if uri and is_prefix(uri):
-            digest, files, pin = _read_prefix(rows, name, uri, Path(settings.work_dir) / "data" / name, settings, policy,
-                                              (pinned or {}).get(name))
+            with _downloads(work / "data" / name) as private:
+                digest, files, pin = _read_prefix(rows, name, uri, private, settings, policy, (pinned or {}).get(name))
         elif uri:
-            path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
-            rows.add(iter_file_rows(path, uri), uri)
-            digest = sha256_file(path)
+            with _downloads(work / "data" / name) as private:
+                path = fetch(uri, private, settings, policy)
+                rows.add(iter_file_rows(path, uri), uri)
+                digest = sha256_file(path)  # the very bytes just read: nobody else writes this folder
         else:
             rows.fingerprint, rows.fingerprint_rows = hashlib.sha256(), limit  # the hub has no file to hash
             rows.add(_hub_rows(settings, hub_split), f"{settings.dataset}[{hub_split}]")
@@ -101,6 +106,22 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
     log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(table),
                                    **({"files": len(files)} if files else {})})
     return Split(name, uri or settings.dataset, digest, table, len(table), files, pin)
+
+
+@contextlib.contextmanager
+def _downloads(folder: Path):
+    """A folder of this process's own for the split's downloads, removed afterwards.
+
+    Runs sharing a work dir once downloaded into one ``<work>/data/<split>/`` under one ``.part``
+    name: one crashed, the other trained on its own file and recorded the other's sha256. The
+    folder is a temporary name of this process's (``job.store.scratch``): a killed run's
+    downloads are swept by the next start in the work dir.
+    """
+    private = temp_path(folder / "downloads")
+    try:
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def is_prefix(uri: str) -> bool:
@@ -139,7 +160,7 @@ def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settin
     for f in chosen:
         source = join(uri, f.key)
         try:
-            path = confine(dest_dir / "prefix" if s3 else root, f.key)
+            path = confine(dest_dir if s3 else root, f.key)
         except UnsafeName as exc:
             raise DataError(f"{source}: unusable key ({exc})") from None
         if s3:
@@ -217,7 +238,7 @@ class _SplitRows:
     """A split's rows on their way to its Arrow file: checked, hashed for the duplicate test, written."""
 
     def __init__(self, path: Path, squad_v2: bool):
-        self.writer, self.squad_v2 = RowWriter(path), squad_v2
+        self.writer, self.squad_v2 = RowWriter(path, temp_path(path)), squad_v2
         self.hashes = array("q")  # hash(id) of every row: 8 bytes a row, sorted once at the end
         self.sources: list[tuple[int, str]] = []  # (first row, file) for naming a duplicate's files
         self.fingerprint, self.fingerprint_rows = None, None  # the hub's digest, over the rows kept

@@ -22,9 +22,9 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
-import uuid
 from pathlib import Path
+
+from job.store.scratch import temp_path
 
 # where a filesystem has no hard links (FAT, some FUSE and SMB mounts), create_new falls back
 # to a check and a rename under the file's lock, which all of this job's writers take
@@ -67,7 +67,7 @@ def writing(path: Path, durable: bool = False):
 
     ``durable``: fsync the file and the folder too (a file a commit marker will vouch for).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # ranks of a node may race
+    tmp = temp_path(path)  # this process's own name (ranks of a node may race), swept if it dies (job.store.scratch)
     try:
         yield tmp
         if durable:
@@ -111,7 +111,8 @@ def file_lock(path: Path):
 
 
 def _temp_copy(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

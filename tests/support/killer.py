@@ -9,8 +9,8 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; data_list (before a data folder or prefix is listed) and data_fetch (before a
-single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
+evaluate, stage; data_list (before a data folder or prefix is listed), data_fetch and data_fetched
+(before and after a single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
 pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
 the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
 itself is unmodified: only these functions are wrapped.
@@ -72,7 +72,7 @@ def install(actions) -> None:
                 meet(int(a["value"]))
             elif count == int(a["value"]) and a["verb"] == "raise":
                 raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
-            elif count == int(a["value"]):
+            elif count == int(a["value"]) and a["verb"] in ("kill", "term"):  # a meet at @1=2 signalled at the 2nd hit
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
 
@@ -101,6 +101,7 @@ def install(actions) -> None:
     wrap(job.publish, "stage", "stage")
     wrap(job.data, "_choose", "data_list")
     wrap(job.data, "fetch", "data_fetch")
+    wrap(job.data, "fetch", "data_fetched", before=False)
     wrap(job.channels.promotion, "promote", "promote")
     wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
     wrap(job.channels.promotion, "write_decision", "decided", before=False)
