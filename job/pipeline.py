@@ -19,6 +19,7 @@ from job.runtime.preemption import StopRequest
 from job.preprocess import build_features
 from job.runtime.ranks import Ranks
 from job.settings import Settings
+from job.store import scratch
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
 from job.store.models import model_identity
@@ -296,9 +297,20 @@ def _commit_for_stop(ctx: RunContext, trainer, uploader, together: bool) -> None
 
 
 def prepare_work_dir(settings: Settings) -> Path:
-    """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it."""
+    """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it.
+
+    This process is marked alive in the work dir, and what dead processes left there (temporary
+    files of any run: rows, teacher logits, downloads, half-staged results) is swept first: a
+    SIGKILL runs no cleanup of its own (``job.store.scratch``).
+    """
     work = Path(settings.work_dir) / settings.run_id
     _probe_writable(work, f"QA_WORK_DIR={settings.work_dir}", create=True)
+    scratch.hold(Path(settings.work_dir))
+    gone = scratch.sweep(Path(settings.work_dir))
+    if gone:
+        log.info("swept what killed processes left in the work dir", extra={
+            "event": "work_dir_swept", "files": len(gone), "bytes": sum(size for _, size in gone),
+            "paths": [path for path, _ in gone[:20]]})
     return work
 
 

@@ -18,6 +18,7 @@ from job.observe import curves, model_card
 from job.observe.redaction import artifact_json
 from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.store.locations import is_run_id
+from job.store.files import writing_folder
 from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
 log = logging.getLogger(__name__)
@@ -114,10 +115,19 @@ def run_record(store: Storage) -> dict:
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
           inputs: dict) -> Path:
     """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
-    from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
-
     root = staging_dir(settings)
     shutil.rmtree(root, ignore_errors=True)
+    # filled under a temporary name of this process's and renamed whole: a kill leaves no half-staged
+    # folder behind (the next start in the work dir sweeps the temporary one, job.store.scratch)
+    with writing_folder(root) as folder:
+        _stage_into(folder, settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+    return root
+
+
+def _stage_into(root: Path, settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict,
+                context: dict, inputs: dict) -> None:
+    from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
+
     model_dir = root / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
@@ -147,7 +157,6 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     atomic_write(root / "manifest.json", artifact_json(manifest, indent=2))
     atomic_write(root / BINDING, artifact_json(_binding(settings, inputs)))
     atomic_write(root / STAGED, b"")
-    return root
 
 
 def _subset(metrics: dict, total: int) -> int | None:

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 
 from job.store.scratch import temp_path
@@ -81,6 +82,21 @@ def writing(path: Path, durable: bool = False):
             _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing_folder(path: Path):
+    """Yield a temporary folder beside ``path``, renamed into its place (replacing it) on success, removed on failure:
+    a folder filled file by file (staged results) is there whole or not at all, whenever the process dies."""
+    tmp = temp_path(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _sync_folder(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager
