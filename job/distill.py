@@ -188,7 +188,7 @@ def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, lo
 
     from job.runtime.device import uses_cuda
     from job.evaluate import predict_logits
-    from job.store.files import writing
+    from job.store.files import reserved_array, writing
     from job.train import load_model, precision_for
 
     tokenizer, model = load_model(teacher.path, settings.seed, settings.attention)  # fp32 weights, fp32 QA head
@@ -196,7 +196,8 @@ def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, lo
     device = f"cuda:{local_rank}" if uses_cuda(settings) else "cpu"
     try:
         with writing(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
+            # its space taken before the teacher runs: a full disk is exit 75, not a bus error on a page (exit 135)
+            out = reserved_array(tmp, (int(offsets[-1]), 2), np.float16)
             for begin in range(0, len(inputs), SCORE_WINDOWS):
                 part = inputs.select(range(begin, min(begin + SCORE_WINDOWS, len(inputs))))
                 start, end = predict_logits(model, tokenizer, part, settings.eval_batch_size, device,

@@ -156,3 +156,15 @@ def test_a_model_with_nan_weights_is_never_published_or_promoted(tmp_path, tiny_
     run = tmp_path / "out" / "test-run"
     assert not (run / "COMPLETE").exists() and not (run / "model").exists() and not (run / "metrics.json").exists()
     assert not (tmp_path / "out" / "channels").exists()  # no pointer, no history
+
+
+def test_a_full_disk_during_the_teacher_pass_exits_75_not_with_a_bus_error(tmp_path, tiny_model, mounted):
+    """The teacher's logits are a memory-mapped file: a page the full disk had no room for killed the job with
+    SIGBUS (exit 135), no error line, no failed event. Its space is reserved up front now."""
+    work = mounted("work", "size=16m")
+    env = job_env(tmp_path, tiny_model, QA_WORK_DIR=work, QA_TEACHER_MODEL=tiny_model, QA_MAX_STEPS="1",
+                  QA_MAX_EVAL_SAMPLES="4", QA_CHECKPOINT_STEPS="0", QA_REPORT_TO="none")
+    result = run_job(env, module="tests.support.killer", args=("fill:teacher_score@1=8192",))  # room for 2 pages
+    one_line_error(result, 75, "no space left on the local disk")
+    assert "logits.npy" in result.stderr and not result.event("teacher_logits")
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name], "the half-made logits file is removed"

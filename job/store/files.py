@@ -99,6 +99,41 @@ def writing_folder(path: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def reserved_array(path: Path, shape: tuple[int, ...], dtype):
+    """A new ``.npy`` file at ``path``, memory-mapped for writing, with every block of it reserved on disk first.
+
+    A store into a page of a sparse file that the disk has no room for is not an error a call can
+    return: the kernel sends SIGBUS and the process dies (exit 135, no error line, no ``failed``
+    event). ``posix_fallocate`` takes the blocks up front, so a full disk is an ``OSError``
+    (ENOSPC, exit 75) here, before any page is touched.
+    """
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": tuple(int(n) for n in shape)})
+        _reserve(f, f.tell() + int(np.prod(shape)) * dtype.itemsize, path)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _reserve(f, size: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            raise
+    # no fallocate on this filesystem: write the zeros, which reserves the blocks as surely (ENOSPC on write)
+    f.seek(0, os.SEEK_END)
+    zeros = bytes(1 << 20)
+    while f.tell() < size:
+        f.write(zeros[:size - f.tell()])
+    f.flush()
+
+
 @contextlib.contextmanager
 def file_lock(path: Path):
     """Hold the exclusive lock of ``path`` (its folder must exist); the lock file is gone afterwards."""
