@@ -49,7 +49,7 @@ def hold(work: Path) -> None:
     folder = work / OWNERS
     folder.mkdir(parents=True, exist_ok=True)
     f = open(folder / owner(), "w")
-    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh name: nobody else can hold it
+    fcntl.flock(f, fcntl.LOCK_EX)  # a fresh name: only a sweeper looking at it can hold it, for a moment
     f.write(_boot_id() or "")
     f.flush()
     _held[key] = f
@@ -80,6 +80,10 @@ def sweep(work: Path) -> list[tuple[str, int]]:
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+        # the records of owners that left nothing behind (every process that exited, killed or not)
+        for record in sorted((work / OWNERS).iterdir()) if (work / OWNERS).is_dir() else []:
+            if record.name not in verdict:
+                verdict[record.name] = _dead(record)
     finally:
         for who, lock in verdict.items():
             if lock is not None:  # still holding the dead owner's lock: nobody else sweeps it meanwhile

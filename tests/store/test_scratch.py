@@ -67,6 +67,7 @@ def test_a_killed_owners_temporary_files_go_and_a_live_ones_stay(tmp_path):
     assert len(temporary(work / "live-run")) == 4  # killed now: the next sweep takes them
     scratch.sweep(work)
     assert temporary(work) == [ours.relative_to(work).as_posix()]
+    assert list((work / scratch.OWNERS).iterdir()) == []  # no record of a dead owner stays behind either
 
 
 def test_an_owner_on_another_kernel_is_never_taken_for_dead(tmp_path):
