@@ -349,6 +349,7 @@ def _cross_checks(s: Settings) -> list[str]:
     for field in ("run_id", "output_uri", "work_dir", "channel", "teacher_channel"):
         value = getattr(s, field)
         if value and holds_secret(value):
-            problems.append(f"{env_name(field)}: holds a credential (the value of a secret variable of this process, or "
-                            "user:password@); it would be part of every object name the run writes")
+            where = "every checkpoint it saves" if field == "work_dir" else "the names of the objects it writes"
+            problems.append(f"{env_name(field)}: holds a credential (the value of a secret variable of this "
+                            f"process, or user:password@); the run would publish it in {where}")
     return problems

@@ -162,7 +162,7 @@ def test_a_full_disk_during_the_teacher_pass_exits_75_not_with_a_bus_error(tmp_p
     """The teacher's logits are a memory-mapped file: a page the full disk had no room for killed the job with
     SIGBUS (exit 135), no error line, no failed event. Its space is reserved up front now."""
     work = mounted("work", "size=16m")
-    env = job_env(tmp_path, tiny_model, QA_WORK_DIR=work, QA_TEACHER_MODEL=tiny_model, QA_MAX_STEPS="1",
+    env = job_env(tmp_path, tiny_model, QA_WORK_DIR=work, QA_TEACHER_MODEL=tiny_model, QA_MAX_TRAIN_SAMPLES="16",
                   QA_MAX_EVAL_SAMPLES="4", QA_CHECKPOINT_STEPS="0", QA_REPORT_TO="none")
     result = run_job(env, module="tests.support.killer", args=("fill:teacher_score@1=8192",))  # room for 2 pages
     one_line_error(result, 75, "no space left on the local disk")

@@ -5,8 +5,9 @@ checkpoints and feature caches, and their model too unless it is protected. A mo
 when *any* channel on this output needs it: its holder, every run named (as holder, previous
 holder or rollback target) by its last ``QA_KEEP_RUNS`` history entries, so a rollback always
 finds its model, the starting model of each of its warm-started runs not yet complete, and the
-teacher run each distilled run not yet complete pinned from it, so a retry finds them. A run promoted by hand from one channel to another is thus kept for both. If a
-channel's pointer or history cannot be read, no model is deleted that night.
+teacher run each distilled run not yet complete pinned from it, so a retry finds them. A run
+promoted by hand from one channel to another is thus kept for both. If a channel's pointer or
+history cannot be read, no model is deleted that night.
 
 Their small records stay (``metrics.json``, ``predictions.json``, ``manifest.json``, ``run.json``,
 ``promotion.json``, ``COMPLETE``). A run without ``COMPLETE`` or with a ``lease.json`` (running,

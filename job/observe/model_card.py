@@ -68,16 +68,20 @@ def _distilled(distillation: dict | None) -> str:
             f"{distillation.get('temperature')})")
 
 
+def _shown(value):
+    return redact_text(value) if value else value
+
+
 def write_card(path: Path, settings, metrics: dict, context: dict) -> None:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     # the card is text, not JSON: what it shows of names and paths is redacted here, before the YAML
     # is written (a mask spliced into YAML afterwards could turn a value into an alias)
     hub_id, base_prose = base_model(settings.model_name)
-    hub_id = redact_text(hub_id) if hub_id else hub_id
+    hub_id = _shown(hub_id)
     data = context.get("data", {})
-    eval_type, eval_name, eval_split = (redact_text(v) if v else v for v in _dataset(data.get("eval", {}), settings, "eval"))
-    train_type, train_name, _ = (redact_text(v) if v else v for v in _dataset(data.get("train", {}), settings, "train"))
+    eval_type, eval_name, eval_split = map(_shown, _dataset(data.get("eval", {}), settings, "eval"))
+    train_type, train_name, _ = map(_shown, _dataset(data.get("train", {}), settings, "train"))
     results = [EvalResult(task_type="question-answering", task_name="Extractive Question Answering",
                           dataset_type=eval_type, dataset_name=eval_name, dataset_split=eval_split,
                           dataset_config=settings.dataset_config if eval_type != "custom" else None,
