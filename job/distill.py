@@ -39,8 +39,10 @@ import numpy as np
 from job.errors import ConfigError, JobError
 from job.runtime.ranks import Ranks
 from job.store import feature_cache
+from job.store.files import reserved_array
 from job.store.locations import is_s3, join
 from job.store.models import fetch_model, fetch_model_cached, model_identity
+from job.store.scratch import temp_path
 
 log = logging.getLogger(__name__)
 WINDOW = "teacher_window"  # the column that takes a training window to its teacher logits
@@ -100,15 +102,32 @@ def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = N
 
 
 def _channel_run(settings, setting: str) -> str:
-    from job.channels.channel import Channel, UnknownChannel
+    from job.channels.channel import UnknownChannel
+
+    try:
+        return _teacher_channel(settings).require().pointer["run_id"]
+    except UnknownChannel:
+        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+
+
+def hold_teacher(settings, teacher_run: str) -> None:
+    """On rank 0, before the run folder pins ``teacher_run``: the teacher channel's retention keeps that model
+    until this run is complete (a retry learns from it again, however far the channel has moved)."""
+    _teacher_channel(settings).record_student(settings.run_id, teacher_run)
+
+
+def release_teacher(settings) -> None:
+    """This run is complete: its pinned teacher is the teacher channel's retention's business again."""
+    _teacher_channel(settings).forget_student(settings.run_id)
+
+
+def _teacher_channel(settings):
+    from job.channels.channel import Channel
     from job.store.storage import RetryPolicy, open_storage
 
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     root = open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region)
-    try:
-        return Channel(root, settings.teacher_channel).require().pointer["run_id"]
-    except UnknownChannel:
-        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+    return Channel(root, settings.teacher_channel)
 
 
 def check_teacher(path: str, setting: str, student: str, max_length: int) -> None:
@@ -154,21 +173,26 @@ def prepare(settings, teacher: Teacher, features, store, ranks: Ranks = Ranks(),
     key = cache_key(features.cache_key, teacher.identity)
     local = Path(settings.work_dir) / settings.run_id / "teacher" / key
     remote = f"cache/teacher-{key}/"
-    partial = local / f".{LOGITS}.partial"
     offsets = window_offsets(features.train)
-    started, hit, problem = time.monotonic(), None, None
+    started, hit, partial, problem = time.monotonic(), None, None, None
     if ranks.is_node_leader:
-        if feature_cache.verified(local, CACHE) and _fits(local, offsets):
-            hit = "local"
-        elif store is not None and feature_cache.download(store, remote, local, CACHE) and _fits(local, offsets):
-            hit = "remote"
-        else:
-            hit = "miss"
-            local.mkdir(parents=True, exist_ok=True)
-            (local / CACHE.manifest).unlink(missing_ok=True)
-            array = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
-            del array  # the node's array, created for every rank of the node to write its share into in place
-    hit = ranks.gather(hit)[ranks.rank - ranks.local_rank]  # what this node's first process found
+        try:
+            if feature_cache.verified(local, CACHE) and _fits(local, offsets):
+                hit = "local"
+            elif store is not None and feature_cache.download(store, remote, local, CACHE) and _fits(local, offsets):
+                hit = "remote"
+            else:
+                hit = "miss"
+                local.mkdir(parents=True, exist_ok=True)
+                (local / CACHE.manifest).unlink(missing_ok=True)
+                partial = temp_path(local / LOGITS)  # the leader's own name: swept if the node dies mid-pass
+                reserve_logits(partial, offsets)
+        except (JobError, OSError) as exc:  # raised on every rank below: the others would wait for this one
+            problem = exc
+    # what this node's first process found, and the array its ranks score into
+    hit, partial, failed = ranks.gather((hit, partial, problem is not None))[ranks.rank - ranks.local_rank]
+    if ranks.any_of(failed):
+        raise problem or JobError("the first process of a node failed before the teacher's pass (see its log)")
     share = range(0)
     if hit == "miss":
         share = node_share(offsets, ranks.local_rank, ranks.local_world_size)
@@ -191,6 +215,13 @@ def prepare(settings, teacher: Teacher, features, store, ranks: Ranks = Ranks(),
                                              "scored": [share.start, share.stop] if hit == "miss" else None,
                                              "seconds": round(time.monotonic() - started, 2)})
     return Distillation(local / LOGITS, offsets, settings.distill_alpha, settings.distill_temperature, hit)
+
+
+def reserve_logits(path: Path, offsets: np.ndarray) -> None:
+    """The node's logits array at ``path``, fp16, every block reserved on the disk before the teacher scores: a
+    store into a page a full disk has no room for is a bus error (exit 135, no error line), this is exit 75. The
+    map is dropped at once: each rank of the node maps it to write its share in place."""
+    reserved_array(path, (int(offsets[-1]), 2), np.float16)
 
 
 def node_share(offsets: np.ndarray, local_rank: int, local_world_size: int) -> range:

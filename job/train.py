@@ -14,7 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from job.runtime.device import uses_cuda
-from job.errors import ConfigError, StorageUnavailable
+from job.errors import ConfigError, Diverged, StorageUnavailable
 from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
 from job.runtime.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
@@ -166,8 +166,10 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         logging_strategy="steps",
         logging_steps=settings.logging_steps,
         # the filter tests every step's loss for NaN/inf in Python: a device-to-host read each step, so
-        # the CPU would wait for the GPU and never run ahead. Off; a non-finite loss shows in the
-        # progress line of its logging step instead, with a nonfinite_loss warning (_Trainer.log)
+        # the CPU would wait for the GPU and never run ahead; and it dropped NaN and infinite step losses
+        # from the logged mean, so weights gone NaN were logged as a loss of 0.0. Off: every step counts,
+        # and a non-finite loss shows in the progress line of its logging step, with a nonfinite_loss
+        # warning (_Trainer.log)
         logging_nan_inf_filter=False,
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
         save_strategy="no",
@@ -307,6 +309,31 @@ class CompileStats(TrainerCallback):
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         log.info("compile", extra={"event": "compile", "stage": "predict", **compile_stats()})
+
+
+def check_finite(trainer: Trainer) -> None:
+    """A model with a NaN or infinite weight is never evaluated, published or promoted (``Diverged``, exit 2).
+
+    After training, before anything is staged: one pass over the weights where they are (a count per
+    tensor, one sum, one transfer: milliseconds on a GPU, tens of them for DistilBERT on a CPU). NaN
+    weights still decode to answers (NaN logits count as -inf) and score a few points, so nothing
+    after this point would notice: a fresh channel's first-model gate promoted such a model.
+    """
+    params = list(trainer.model.parameters())
+    with torch.no_grad():
+        bad = int(torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum()) if params else 0
+    if not bad:
+        return
+    first = next((e.get("step") for e in trainer.state.log_history if "loss" in e and not _finite(e["loss"])), None)
+    raise Diverged(f"training diverged: {bad:,} of {sum(p.numel() for p in params):,} weights are NaN or infinite "
+                   f"after step {trainer.state.global_step}"
+                   + (f" (the logged loss was first not finite at step {first})" if first is not None else "")
+                   + "; nothing is published. Lower QA_LEARNING_RATE, or check QA_PRECISION, QA_DISTILL_TEMPERATURE, "
+                   "the base model and the data, then start under a new QA_RUN_ID")
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def train(trainer: Trainer, resume_from: Path | None) -> dict:

@@ -11,11 +11,14 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   pause:features#0=12            a hook with #R fires only in the process of LOCAL_RANK R (torchrun)
   wait:train_step@3=committed    at the 3rd training step, wait until the hook ``committed`` fired
                                  (once; 120 s at most): a kill listed after it then never races an upload
+  fill:teacher_score@1=8192      at the 1st teacher pass, fill the filesystem of $QA_WORK_DIR to
+                                 8192 bytes from full (a file .killer-filler there): a disk full now
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; committed (after a checkpoint's upload: on rank 0, once its marker is written);
-features (before the features are built or read); data_list (before a data folder or prefix is
-listed) and data_fetch (before a single data file is fetched); and the promotion steps: promote
-(entered after COMPLETE), pointer_read (after a channel pointer is read), decided (after
+evaluate, stage, teacher_score (before the node's teacher logits are reserved and scored);
+committed (after a checkpoint's upload: on rank 0, once its marker is written); features (before
+the features are built or read); data_list (before a data folder or prefix is listed), data_fetch
+and data_fetched (before and after a single data file is fetched); and the promotion steps:
+promote (entered after COMPLETE), pointer_read (after a channel pointer is read), decided (after
 promotion.json is written, before the pointer moves), pointer_write (after the pointer moved,
 before its history entry). The job itself is unmodified: only these functions are wrapped.
 """
@@ -41,7 +44,7 @@ def parse(spec: str):
             rest, value = rest.rsplit("=", 1)
         if "@" in rest:
             rest, at = rest.rsplit("@", 1)
-        if verb not in ("meet", "wait") and at is not None:
+        if verb not in ("meet", "wait", "fill") and at is not None:
             value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
         hook, _, local_rank = hook.partition("#")
@@ -58,6 +61,7 @@ def install(actions) -> None:
     import job.channels.channel
     import job.channels.promotion
     import job.data
+    import job.distill
     import job.evaluate
     import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
     import job.preprocess
@@ -89,9 +93,11 @@ def install(actions) -> None:
                 if count == a["at"]:
                     with fired:
                         fired.wait_for(lambda: times.get(a["value"], 0) > 0, timeout=120)
+            elif a["verb"] == "fill" and count == a["at"]:
+                fill(int(a["value"]))
             elif count == int(a["value"]) and a["verb"] == "raise":
                 raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
-            elif count == int(a["value"]):
+            elif count == int(a["value"]) and a["verb"] in ("kill", "term"):  # meet and fill never signal
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
 
@@ -122,10 +128,29 @@ def install(actions) -> None:
     wrap(job.preprocess, "build_features", "features")
     wrap(job.data, "_choose", "data_list")
     wrap(job.data, "fetch", "data_fetch")
+    wrap(job.data, "fetch", "data_fetched", before=False)
+    wrap(job.distill, "reserve_logits", "teacher_score")
     wrap(job.channels.promotion, "promote", "promote")
     wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
     wrap(job.channels.promotion, "write_decision", "decided", before=False)
     wrap(job.channels.channel.Channel, "swap", "pointer_write", before=False)
+
+
+def fill(free: int) -> None:
+    """Fill the filesystem of $QA_WORK_DIR until ``free`` bytes are left (a small mount: the tests' tmpfs)."""
+    from pathlib import Path
+
+    fd = os.open(Path(os.environ["QA_WORK_DIR"]) / ".killer-filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (bytes(1 << 20), bytes(4096)):
+            try:
+                while os.write(fd, chunk):
+                    pass
+            except OSError:
+                pass  # full, for chunks this size
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - free))
+    finally:
+        os.close(fd)
 
 
 def meet(parties: int, timeout: float = 120.0) -> None:
