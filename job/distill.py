@@ -189,6 +189,8 @@ def prepare(settings, teacher: Teacher, features, store, ranks: Ranks = Ranks(),
                 reserve_logits(partial, offsets)
         except (JobError, OSError) as exc:  # raised on every rank below: the others would wait for this one
             problem = exc
+            if partial is not None:
+                partial.unlink(missing_ok=True)  # half made (a full disk): nothing of it stays
     # what this node's first process found, and the array its ranks score into
     hit, partial, failed = ranks.gather((hit, partial, problem is not None))[ranks.rank - ranks.local_rank]
     if ranks.any_of(failed):
@@ -201,6 +203,8 @@ def prepare(settings, teacher: Teacher, features, store, ranks: Ranks = Ranks(),
         except JobError as exc:
             problem = exc
     if not ranks.all_of(problem is None):  # every share written, on every node (or one failed: all stop)
+        if ranks.is_node_leader and partial is not None:
+            partial.unlink(missing_ok=True)
         raise problem or JobError("another process failed while scoring the teacher's logits (see its log)")
     if hit == "miss" and ranks.is_node_leader:
         with open(partial, "rb+") as f:
