@@ -24,7 +24,7 @@ LAYERS = [
     ["job.store", "job.formats"],
     ["job.evaluate"],
     ["job.observe"],
-    ["job.settings", "job.launch"],
+    ["job.settings", "job.launch", "job.export"],
     ["job.data", "job.preprocess", "job.train", "job.publish"],
     ["job.channels"],
     ["job.distill"],
