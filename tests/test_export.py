@@ -197,3 +197,46 @@ def test_an_int8_graph_over_its_f1_bound_is_not_published(tmp_path, tiny_model):
     assert read_serving(model)["not_published"][ONNX_INT8] == record["not_published"][ONNX_INT8]
     with pytest.raises(ConfigError, match="onnx-int8: .* was not published with it .*QA_INT8_MAX_F1_DROP"):
         open_scorer(model, ONNX_INT8)
+
+
+def test_answers_that_differ_are_near_ties_only_within_twice_the_tolerance():
+    from types import SimpleNamespace
+
+    from job.export import FP32_TOLERANCE, compare
+    from job.squad.decoding import Answer
+
+    logits = (np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32))
+    v1 = SimpleNamespace(squad_v2=False, null_score_diff_threshold=0.0)
+    ref = {"q": Answer("Denver", 0, 6, 5.0, 1.0)}
+    assert compare(logits, ref, logits, dict(ref), [4], v1)["answers_differ"] == 0
+    close = {"q": Answer("Broncos", 7, 14, 5.0 - 1.5 * FP32_TOLERANCE, 1.0)}
+    assert compare(logits, ref, logits, close, [4], v1) | {"max_abs_logit_diff": 0} == {
+        "max_abs_logit_diff": 0, "answers_differ": 1, "near_ties": 1, "mismatches": 0}
+    far = {"q": Answer("Broncos", 7, 14, 5.0 - 3 * FP32_TOLERANCE, 1.0)}
+    assert compare(logits, ref, logits, far, [4], v1)["mismatches"] == 1
+    # v2: answering at all flips; a near-tie only when the torch model's null difference sits at the threshold
+    v2 = SimpleNamespace(squad_v2=True, null_score_diff_threshold=0.0)
+    at_threshold = {"q": Answer("Denver", 0, 6, 5.0, 5.0 + 3 * FP32_TOLERANCE)}  # null - span = 3 tol: answers ""
+    flipped = {"q": Answer("Denver", 0, 6, 5.0, 5.0 - FP32_TOLERANCE)}
+    assert compare(logits, at_threshold, logits, flipped, [4], v2)["near_ties"] == 1
+    far_from_it = {"q": Answer("Denver", 0, 6, 5.0, 6.0)}
+    assert compare(logits, far_from_it, logits, flipped, [4], v2)["mismatches"] == 1
+    shifted = (logits[0] + 0.5, logits[1])
+    assert compare(logits, ref, shifted, dict(ref), [4], v1)["max_abs_logit_diff"] == 0.5
+
+
+def test_job_answer_decodes_as_the_model_was_evaluated_unless_a_flag_says_otherwise():
+    from types import SimpleNamespace
+
+    from job.answer import answer_options
+
+    serving = {"decoding": {"max_length": 256, "doc_stride": 96, "n_best_size": 10, "max_answer_length": 20,
+                            "version_2": True, "null_score_diff_threshold": -1.25}}
+    none = SimpleNamespace(max_length=None, doc_stride=None, squad_v2=False, null_threshold=None)
+    assert answer_options(none, serving) == {"max_length": 256, "doc_stride": 96, "n_best": 10, "max_answer_length": 20,
+                                             "version_2": True, "null_threshold": -1.25}
+    told = SimpleNamespace(max_length=384, doc_stride=128, squad_v2=False, null_threshold=0.5)
+    assert answer_options(told, serving)["null_threshold"] == 0.5 and answer_options(told, serving)["max_length"] == 384
+    older = answer_options(none, {"decoding": {}})  # a model published before serving.json: the job's defaults
+    assert older == {"max_length": 384, "doc_stride": 128, "n_best": 20, "max_answer_length": 30, "version_2": False,
+                     "null_threshold": 0.0}
