@@ -38,6 +38,7 @@ import numpy as np
 
 from job.errors import ConfigError, JobError
 from job.runtime.ranks import Ranks
+from job.serving import TORCH
 from job.store import feature_cache
 from job.store.files import reserved_array
 from job.store.locations import is_s3, join
@@ -82,10 +83,13 @@ def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = N
     if is_s3(uri) or looks_local:
         try:
             if is_s3(uri):  # downloaded once per node (the others find it), kept for every later attempt of the run
+                # the torch weights only: a published teacher's ONNX exports stay in storage
                 path = str(ranks.leaders_first(lambda: fetch_model_cached(
-                    uri, work / "teacher-models", settings.s3_endpoint_url, settings.s3_region, what=setting)))
+                    uri, work / "teacher-models", settings.s3_endpoint_url, settings.s3_region, what=setting,
+                    runtime=TORCH)))
             else:
-                path = str(fetch_model(uri, work, settings.s3_endpoint_url, settings.s3_region, what=setting))
+                path = str(fetch_model(uri, work, settings.s3_endpoint_url, settings.s3_region, what=setting,
+                                       runtime=TORCH))
         except ConfigError as exc:
             if not pinned_run:
                 raise

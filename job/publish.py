@@ -28,7 +28,8 @@ DATA_FILES = "data_files"  # run.json's key for the files each split read from a
 TEACHER_RUN = "teacher_run"  # run.json's key for the run a QA_TEACHER_CHANNEL named (pinned for retries)
 STAGED = ".staged"  # local only: the staging folder is whole
 BINDING = ".binding.json"  # local only: which inputs and which destination the staged results belong to
-_PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings")
+_PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings",
+             "onnx", "onnxscript", "onnxruntime")
 
 
 def staging_dir(settings) -> Path:
@@ -113,24 +114,29 @@ def run_record(store: Storage) -> dict:
 
 
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
-          inputs: dict) -> Path:
-    """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
+          inputs: dict, eval_features=None, eval_rows=None, stop=None) -> Path:
+    """Write model, tokenizer, serving exports (``job.export``), model card, metrics, predictions and manifest
+    to the staging folder."""
     root = staging_dir(settings)
     shutil.rmtree(root, ignore_errors=True)
     # filled under a temporary name of this process's and renamed whole: a kill leaves no half-staged
     # folder behind (the next start in the work dir sweeps the temporary one, job.store.scratch)
     with writing_folder(root) as folder:
-        _stage_into(folder, settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        _stage_into(folder, settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs,
+                    eval_features, eval_rows, stop)
     return root
 
 
 def _stage_into(root: Path, settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict,
-                context: dict, inputs: dict) -> None:
+                context: dict, inputs: dict, eval_features, eval_rows, stop) -> None:
+    from job import export
     from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
 
     model_dir = root / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
+    # checked against the saved model on the run's eval windows; a failure is recorded, never raised
+    serving = export.export_and_check(settings, model_dir, eval_features, eval_rows, scores, stop)
     metrics = {
         **scores,
         "eval_examples": len(predictions),
@@ -138,6 +144,7 @@ def _stage_into(root: Path, settings, trainer, tokenizer, scores: dict, predicti
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"),
         "global_step": trainer.state.global_step,
+        "serving": serving,
     }
     history = trainer.state.log_history
     points = periodic_eval.eval_points(history)
@@ -145,7 +152,9 @@ def _stage_into(root: Path, settings, trainer, tokenizer, scores: dict, predicti
         examples = settings.eval_samples_during_training or len(predictions)
         metrics["eval_during_training"] = {"examples": min(examples, len(predictions)), "points": points}
     manifest = {"run_id": settings.run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "settings": settings.public_dict(), "versions": versions(), **context}
+                "settings": settings.public_dict(), "versions": versions(), **context,
+                "serving_files": {runtime: [{**f, "name": f"model/{f['name']}"} for f in entry.get("files", [])]
+                                  for runtime, entry in serving["runtimes"].items()}}
     curves.plot_curves(history, model_dir / curves.FILENAME, f"{settings.run_id}: fine-tuning for extractive QA",
                        final=scores, eval_examples=_subset(metrics, len(predictions)))
     model_card.write_card(model_dir / "README.md", settings, metrics, context)

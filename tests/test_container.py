@@ -164,7 +164,7 @@ def test_job_trains_and_publishes_to_s3(s3_bucket, assets, containers):
     from job.publish import COMPLETE
 
     run_id = f"ctr-{uuid.uuid4().hex[:8]}"
-    env = job_env(s3_bucket, run_id, max_steps=4, checkpoint_steps=0)
+    env = job_env(s3_bucket, run_id, max_steps=4, checkpoint_steps=0, int8_max_f1_drop=100)  # a tiny model's F1 is noise
     name = f"qa-job-{run_id}"
     containers.append(name)
     proc = docker("run", *run_args(name, assets, env), env=env, timeout=420, check=False)
@@ -172,7 +172,9 @@ def test_job_trains_and_publishes_to_s3(s3_bucket, assets, containers):
 
     run = f"out/{run_id}/"
     found = keys(s3_bucket, run)
-    for expected in ("model/config.json", "model/model.safetensors", "model/tokenizer.json",
+    # the exports too (QA_EXPORT's default): the image's onnx, onnxscript and onnxruntime work read-only as uid 10001
+    for expected in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "model/model.onnx",
+                     "model/model_int8.onnx", "model/serving.json",
                      "metrics.json", "predictions.json", "manifest.json", COMPLETE):
         assert expected in found, f"{expected} missing from s3://{s3_bucket.name}/{run}: {sorted(found)}"
     metrics = read_json(s3_bucket, run + "metrics.json")
@@ -182,6 +184,7 @@ def test_job_trains_and_publishes_to_s3(s3_bucket, assets, containers):
     assert manifest["versions"].get("qa-finetune"), manifest["versions"]
     assert {"torch", "transformers"} <= set(manifest["versions"])
     assert any(e.get("event") == "published" for e in events(proc.stdout))
+    assert not any(e.get("event") == "export_failed" for e in events(proc.stdout)), proc.stdout[-4000:]
 
 
 def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, containers):
@@ -193,7 +196,7 @@ def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, 
     # third step and the stop), short enough for the replacement to finish in seconds; no step or
     # time checkpoints, so the only checkpoint is the one SIGTERM asks for
     max_steps = 600
-    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50)
+    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50, export="none")
     name = f"qa-job-{run_id}"
     containers.append(name)
     docker("run", "-d", *run_args(name, assets, env), env=env)
@@ -231,7 +234,7 @@ def test_docker_stop_checkpoints_exits_143_and_rerun_resumes(s3_bucket, assets, 
 
     # the replacement pod: a fresh container (empty /scratch) with the same run id and settings
     # resumes from the committed checkpoint and finishes (other settings would be refused: exit 2)
-    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50)
+    env = job_env(s3_bucket, run_id, max_steps=max_steps, checkpoint_steps=0, stop_grace_seconds=50, export="none")
     name = f"qa-job-{run_id}-again"
     containers.append(name)
     proc = docker("run", *run_args(name, assets, env), env=env, timeout=420, check=False)

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from job.errors import ConfigError
+from job.serving import TORCH
 from job.store.locations import is_run_id, join
 from job.store.models import fetch_model
 
@@ -24,7 +25,8 @@ def fetch_run_model(settings, run_id: str, dest: Path) -> Path:
         raise ConfigError(f"invalid run id {str(run_id)[:80]!r} recorded for the channel")
     dest.mkdir(parents=True, exist_ok=True)
     uri = join(settings.output_uri, run_id, "model")
-    return fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=f"the model of run {run_id} ({uri})")
+    return fetch_model(uri, dest, settings.s3_endpoint_url, settings.s3_region, what=f"the model of run {run_id} ({uri})",
+                       runtime=TORCH)  # re-scored with torch, as it was evaluated: its ONNX exports stay in storage
 
 
 def predictions(settings, run_id: str, rows: list[dict], stop=None, local_rank: int = 0) -> dict[str, str]:

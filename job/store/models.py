@@ -15,6 +15,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from job import safe_json
 from job.errors import ConfigError, StorageUnavailable
 from job.store.files import atomic_write
 from job.store.locations import UnsafeName, confine, local_path
@@ -53,10 +54,13 @@ def model_identity(name: str, setting: str = "QA_MODEL_NAME") -> str:
     return f"{name}@{config.parent.name}"
 
 
-def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None, what: str = "") -> Path:
+def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None, what: str = "",
+                runtime: str | None = None) -> Path:
     """A local folder for a model given as a model or run folder, local or ``s3://bucket/prefix``.
 
     ``what`` names the model in errors (default ``--model <uri>``, as ``job.answer`` is given it).
+    ``runtime`` (``job.serving``): from ``s3://`` only what that runtime loads: the weights of the
+    other runtimes (``*.safetensors``, ``*.onnx``) stay in storage (a DistilBERT's three are 0.6 GB).
     """
     what = what or f"--model {uri}"
     if not uri.startswith("s3://"):
@@ -74,6 +78,8 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
     top_level = [k for k in keys if "/" not in k]  # a model's own files; never checkpoints or caches
     if "config.json" not in top_level:
         raise ConfigError(f"{what}: no model there (no config.json)")
+    if runtime is not None:
+        top_level = [k for k in top_level if not _other_runtimes_file(k, runtime)]
     for key in top_level:
         try:
             local = confine(dest, key)
@@ -84,7 +90,7 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
 
 
 def fetch_model_cached(uri: str, root: Path, endpoint_url: str | None = None, region: str | None = None,
-                       what: str = "") -> Path:
+                       what: str = "", runtime: str | None = None) -> Path:
     """``fetch_model`` of an ``s3://`` model into ``root/<key>/``, downloaded only when no verified copy is there.
 
     The key is the model's listing: each top-level file's name, size and ETag, so an object rewritten in
@@ -97,7 +103,8 @@ def fetch_model_cached(uri: str, root: Path, endpoint_url: str | None = None, re
     if not any(o["key"] == "config.json" for o in listing) and any(o["key"] == "model/config.json" for o in listing):
         uri = uri.rstrip("/") + "/model"  # a run folder
         listing = [{**o, "key": o["key"][len("model/"):]} for o in listing if o["key"].startswith("model/")]
-    top_level = [(o["key"], o["size"], o["etag"]) for o in listing if "/" not in o["key"]]
+    top_level = [(o["key"], o["size"], o["etag"]) for o in listing
+                 if "/" not in o["key"] and not (runtime and _other_runtimes_file(o["key"], runtime))]
     key = hashlib.sha256(json.dumps([uri, top_level]).encode()).hexdigest()[:24]
     dest = root / key
     if _fetched(dest):
@@ -105,7 +112,7 @@ def fetch_model_cached(uri: str, root: Path, endpoint_url: str | None = None, re
         return dest
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    fetch_model(uri, dest, endpoint_url, region, what)
+    fetch_model(uri, dest, endpoint_url, region, what, runtime)
     files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(dest.iterdir()) if p.is_file()}
     atomic_write(dest / FETCHED, json.dumps(files).encode())
     log.info("model fetched", extra={"event": "model_fetched", "uri": uri, "cache": "miss", "key": key, "files": len(files)})
@@ -114,8 +121,17 @@ def fetch_model_cached(uri: str, root: Path, endpoint_url: str | None = None, re
 
 def _fetched(dest: Path) -> bool:
     try:
-        files = json.loads((dest / FETCHED).read_text())
+        files = safe_json.loads((dest / FETCHED).read_text())
         return bool(files) and all((dest / name).is_file() and (dest / name).stat().st_size == meta["size"]
                                    and sha256_file(dest / name) == meta["sha256"] for name, meta in files.items())
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
+
+
+def _other_runtimes_file(name: str, runtime: str) -> bool:
+    """A weights file that ``runtime`` does not load: the torch weights for an ONNX runtime, any other graph."""
+    from job.serving import ONNX_FILES, TORCH
+
+    if name.endswith((".safetensors", ".bin")) and name != "training_args.bin":
+        return runtime != TORCH
+    return name.endswith(".onnx") and name != ONNX_FILES.get(runtime)

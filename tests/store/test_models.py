@@ -40,3 +40,15 @@ def test_a_hub_id_is_known_by_the_commit_it_resolves_to(tmp_path, monkeypatch):
     with pytest.raises(Exception) as info:  # neither cached nor reachable: the hub's own error, sorted
         model_identity("org/not-cached")
     assert getattr(info.value, "exit_code", None) in (2, 75)
+
+
+def test_a_runtime_downloads_only_its_own_weights():
+    from job.store.models import _other_runtimes_file
+
+    files = ["config.json", "tokenizer.json", "vocab.txt", "serving.json", "model.safetensors", "training_args.bin",
+             "model.onnx", "model_int8.onnx"]
+    kept = {runtime: [f for f in files if not _other_runtimes_file(f, runtime)] for runtime in ("torch", "onnx", "onnx-int8")}
+    common = ["config.json", "tokenizer.json", "vocab.txt", "serving.json"]
+    assert kept["torch"] == [*common, "model.safetensors", "training_args.bin"]
+    assert kept["onnx"] == [*common, "training_args.bin", "model.onnx"]
+    assert kept["onnx-int8"] == [*common, "training_args.bin", "model_int8.onnx"]
