@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import time
@@ -38,10 +37,12 @@ import numpy as np
 
 from job.errors import Preempted, StoppedUncommitted
 from job.evaluate import decode_example_answers, final_predictions, scorer_logits, window_lengths
+from job.observe.redaction import artifact_json
 from job.rows import SCORED, each
 from job.serving import (DECODING, ONNX, ONNX_FILES, ONNX_INT8, OUTPUT_NAMES, SCHEMA, SERVING, TORCH, file_record,
                          model_inputs, open_scorer)
 from job.squad.metrics import squad_scores
+from job.store.files import atomic_write
 
 log = logging.getLogger(__name__)
 FP32_TOLERANCE = 1e-3  # logits are O(10); ONNX Runtime's fused kernels differ from torch's by ~1e-6
@@ -269,9 +270,7 @@ def write_serving(settings, model_dir: Path, record: dict) -> None:
                "not_published": record["not_published"]}
     if "null_threshold" in record:
         serving["null_threshold"] = record["null_threshold"]
-    tmp = model_dir / f".{SERVING}.tmp"
-    tmp.write_text(json.dumps(serving, indent=1))
-    os.replace(tmp, model_dir / SERVING)
+    atomic_write(model_dir / SERVING, artifact_json(serving, indent=1))  # the artifacts' one encoder: redacted
     record["runtimes"] = runtimes
 
 
