@@ -46,7 +46,7 @@ BUCKET = "bench"
 
 def base_env(tmp: Path, server, args, run_id: str, work: str) -> dict[str, str]:
     return {
-        "QA_RUN_ID": run_id,
+        "QA_RUN_ID": run_id, "QA_EXPORT": "none",
         "QA_MODEL_NAME": str(minilm_path()),
         "QA_TRAIN_URI": str(tmp / "train.jsonl"),
         "QA_EVAL_URI": str(tmp / "dev.jsonl"),

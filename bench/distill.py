@@ -56,7 +56,7 @@ def job_env(tmp: Path, args, run_id: str, model: Path, **extra: str) -> dict[str
         "QA_LEARNING_RATE": str(args.lr), "QA_BATCH_SIZE": str(args.batch), "QA_WARMUP_RATIO": "0.1",
         "QA_SEED": "42", "QA_PRECISION": "fp32", "QA_DEVICE": "cpu", "QA_LOGGING_STEPS": "20",
         "QA_CHECKPOINT_STEPS": "0", "QA_CHECKPOINT_MINUTES": "0",  # learning, not sync (the last step is still saved)
-        "QA_DATALOADER_WORKERS": "0", "QA_REPORT_TO": "none", "QA_LOG_FORMAT": "json", **extra,
+        "QA_DATALOADER_WORKERS": "0", "QA_REPORT_TO": "none", "QA_LOG_FORMAT": "json", "QA_EXPORT": "none", **extra,
     }
 
 

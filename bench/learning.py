@@ -29,7 +29,7 @@ from _common import DEV_FILE, TRAIN_FILE, data_file, header, minilm_path, read_r
 
 def job_env(tmp: Path, args, run_id: str) -> dict[str, str]:
     return {
-        "QA_RUN_ID": run_id,
+        "QA_RUN_ID": run_id, "QA_EXPORT": "none",  # what is measured here is learning, not serving
         "QA_MODEL_NAME": str(minilm_path()),
         "QA_TRAIN_URI": str(tmp / "train.jsonl"),
         "QA_EVAL_URI": str(tmp / "dev.jsonl"),

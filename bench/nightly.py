@@ -30,7 +30,7 @@ from _common import DEV_FILE, TRAIN_FILE, data_file, header, minilm_path, read_r
 
 def job_env(tmp: Path, args, run_id: str) -> dict[str, str]:
     return {
-        "QA_RUN_ID": run_id, "QA_MODEL_NAME": str(minilm_path()),
+        "QA_RUN_ID": run_id, "QA_MODEL_NAME": str(minilm_path()), "QA_EXPORT": "none",
         "QA_TRAIN_URI": f"{tmp / 'drops'}/", "QA_EVAL_URI": str(tmp / "dev.jsonl"),
         "QA_OUTPUT_URI": str(tmp / "out"), "QA_WORK_DIR": str(tmp / "work"),
         "QA_CHANNEL": "nightly-bench", "QA_INIT_FROM": "channel", "QA_GATE_MAX_DROP": str(args.max_drop),

@@ -131,7 +131,7 @@ def run_job(code: Path, tmp: Path, label: str, train: Path, dev: Path, model: Pa
     env = {"QA_RUN_ID": "scale", "QA_MODEL_NAME": str(model), "QA_TRAIN_URI": str(train), "QA_EVAL_URI": str(dev),
            "QA_OUTPUT_URI": str(out), "QA_WORK_DIR": str(work), "QA_MAX_STEPS": "1", "QA_BATCH_SIZE": "12",
            "QA_PREPROCESS_WORKERS": "1", "QA_DATALOADER_WORKERS": "0", "QA_CHECKPOINT_STEPS": "0",
-           "QA_CHECKPOINT_MINUTES": "0", "QA_REPORT_TO": "none", "QA_LOG_FORMAT": "json",
+           "QA_CHECKPOINT_MINUTES": "0", "QA_REPORT_TO": "none", "QA_LOG_FORMAT": "json", "QA_EXPORT": "none",
            "HF_DATASETS_CACHE": str(work / "hf-datasets")}
     run = Measured([sys.executable, "-m", "job"], env, code, tmp / f"{label}.stderr")
     rc, peak_kb = run.wait()

@@ -19,8 +19,8 @@ import numpy as np
 from transformers import TrainerCallback
 
 from job.rows import CHUNK, SCORED, chunks, each
-from job.squad.decoding import count_nonfinite, decode_all
-from job.squad.metrics import squad_scores
+from job.squad.decoding import Answer, count_nonfinite, decode_answers, no_answer_text, null_difference
+from job.squad.metrics import best_thresholds, squad_scores
 
 log = logging.getLogger(__name__)
 _DECODING_COLUMNS = ("example_index", "offset_mapping")
@@ -147,6 +147,26 @@ def predict_logits(model, tokenizer, eval_features, batch_size: int, device: str
     return start, end
 
 
+def scorer_logits(scorer, eval_features, batch_size: int, stop=None) -> tuple[np.ndarray, np.ndarray]:
+    """Start and end logits of every window, in dataset order, from a ``job.serving`` scorer (any runtime):
+    the windows longest first, each batch padded to its own longest as ``predict_logits`` pads them,
+    positions past a window's end -100 as there. A stop request ends it between batches."""
+    columns = [c for c in eval_features.column_names if c not in _DECODING_COLUMNS and c in scorer.tokenizer.model_input_names]
+    model_inputs = eval_features.select_columns(columns)
+    lengths = window_lengths(eval_features)
+    order = length_order(lengths)
+    width = int(lengths.max()) if len(lengths) else 0
+    start, end = (np.full((len(lengths), width), -100.0, dtype=np.float32) for _ in range(2))
+    for begin in range(0, len(order), batch_size):
+        if stop is not None:
+            stop.check()
+        chunk = order[begin:begin + batch_size]
+        batch = dict(scorer.tokenizer.pad(model_inputs[chunk.tolist()], return_tensors="np"))
+        for into, values in zip((start, end), scorer(batch)):
+            into[chunk, :values.shape[1]] = values[:, :width]
+    return start, end
+
+
 def score_logits(rows: list[dict], eval_features, start_logits, end_logits, settings, *, step: int | None,
                  during_training: bool = False) -> tuple[dict, dict[str, str]]:
     """Decode every example's answer from its windows' logits (dataset order) and score EM/F1."""
@@ -155,30 +175,56 @@ def score_logits(rows: list[dict], eval_features, start_logits, end_logits, sett
     if nonfinite:
         # decoding treats NaN as -inf (job.squad.decoding); say so, since it usually means a diverged model
         log.warning("non-finite logits", extra={"event": "nonfinite_logits", "windows": nonfinite, "of": len(lengths)})
-    predictions = decode_examples(rows, eval_features, start_logits, end_logits, settings)
+    answers = decode_example_answers(rows, eval_features, start_logits, end_logits, settings)
+    predictions = final_predictions(answers, settings.squad_v2, settings.null_score_diff_threshold)
     scores = squad_scores(each(rows, SCORED), predictions, version_2=settings.squad_v2)
+    if settings.squad_v2 and not during_training:
+        scores.update(v2_thresholds(rows, answers))
     log.info("evaluation finished", extra={"event": "eval", "step": step, "examples": len(rows),
                                            "during_training": during_training,
                                            **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
     return scores, predictions
 
 
+def v2_thresholds(rows, answers: dict[str, Answer]) -> dict:
+    """The official v2 script's best thresholds (``best_exact``/``best_f1`` and their ``_thresh``) over the
+    null-score differences of ``answers`` (best spans). A threshold that is not finite (only a question
+    with no span at all could give one) is None: no server can apply it."""
+    found = best_thresholds(each(rows, SCORED), {rid: a.text for rid, a in answers.items()},
+                            {rid: null_difference(a) for rid, a in answers.items()})
+    return {k: (v if np.isfinite(v) else None) for k, v in found.items()}
+
+
+def final_predictions(answers: dict[str, Answer], version_2: bool, null_threshold: float) -> dict[str, str]:
+    """``{id: text}`` from best-span answers: under v2 empty where the null difference exceeds the threshold."""
+    if not version_2:
+        return {rid: a.text for rid, a in answers.items()}
+    return {rid: no_answer_text(a, null_threshold) for rid, a in answers.items()}
+
+
 def decode_examples(rows, features, start_logits, end_logits, settings) -> dict[str, str]:
-    """``{id: answer}`` for every example, decoded ``job.rows.CHUNK`` examples at a time.
+    """``{id: answer}`` for every example, as evaluation decodes them (``decode_example_answers``, then v2's threshold)."""
+    answers = decode_example_answers(rows, features, start_logits, end_logits, settings)
+    return final_predictions(answers, settings.squad_v2, settings.null_score_diff_threshold)
+
+
+def decode_example_answers(rows, features, start_logits, end_logits, settings) -> dict[str, Answer]:
+    """``{id: best-span Answer}`` for every example, decoded ``job.rows.CHUNK`` examples at a time.
 
     Only one chunk's contexts and window offsets are read at once, so what this holds grows
     with the answers, not the contexts. Each example gets exactly the windows, in the same
-    order, that decoding the whole set at once would give it.
+    order, that decoding the whole set at once would give it. The answers are best spans whatever
+    the data (``version_2=False``): ``final_predictions`` applies v2's threshold, the same rule
+    ``decode_answer`` applies, and the threshold search needs the spans.
     """
     example_index = features.with_format("arrow")["example_index"].to_numpy()
     order = None if (np.diff(example_index) >= 0).all() else np.argsort(example_index, kind="stable")
     grouped = example_index if order is None else example_index[order]  # each example's windows together
-    options = dict(n_best=settings.n_best_size, max_answer_length=settings.max_answer_length,
-                   version_2=settings.squad_v2, null_threshold=settings.null_score_diff_threshold)
-    predictions: dict[str, str] = {}
+    options = dict(n_best=settings.n_best_size, max_answer_length=settings.max_answer_length, version_2=False)
+    answers: dict[str, Answer] = {}
     for begin, part in chunks(rows, CHUNK, ("id", "context")):
         lo, hi = np.searchsorted(grouped, [begin, begin + len(part)])
         windows = slice(lo, hi) if order is None else order[lo:hi]
-        predictions.update(decode_all(part, grouped[lo:hi] - begin, window_offsets(features, windows),
+        answers.update(decode_answers(part, grouped[lo:hi] - begin, window_offsets(features, windows),
                                       start_logits[windows], end_logits[windows], **options))
-    return predictions
+    return answers

@@ -211,7 +211,8 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
                                  "alpha": settings.distill_alpha, "temperature": settings.distill_temperature,
                                  "logits_cache": taught.cache}} if teacher and taught else {}),
         }
-        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+        root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs,
+                             features.eval, eval_split.rows, ctx.stop)
         metrics = json.loads((root / "metrics.json").read_text())
         publish.publish(root, ctx.store, ctx.stop)
         summary.log_summary(settings, metrics)

@@ -27,7 +27,8 @@ DATA_FILES = "data_files"  # run.json's key for the files each split read from a
 TEACHER_RUN = "teacher_run"  # run.json's key for the run a QA_TEACHER_CHANNEL named (pinned for retries)
 STAGED = ".staged"  # local only: the staging folder is whole
 BINDING = ".binding.json"  # local only: which inputs and which destination the staged results belong to
-_PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings")
+_PACKAGES = ("qa-finetune", "torch", "transformers", "datasets", "accelerate", "tokenizers", "boto3", "pydantic", "pydantic-settings",
+             "onnx", "onnxscript", "onnxruntime")
 
 
 def staging_dir(settings) -> Path:
@@ -112,8 +113,10 @@ def run_record(store: Storage) -> dict:
 
 
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
-          inputs: dict) -> Path:
-    """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
+          inputs: dict, eval_features=None, eval_rows=None, stop=None) -> Path:
+    """Write model, tokenizer, serving exports (``job.export``), model card, metrics, predictions and manifest
+    to the staging folder."""
+    from job import export
     from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
 
     root = staging_dir(settings)
@@ -121,6 +124,8 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     model_dir = root / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
+    # checked against the saved model on the run's eval windows; a failure is recorded, never raised
+    serving = export.export_and_check(settings, model_dir, eval_features, eval_rows, scores, stop)
     metrics = {
         **scores,
         "eval_examples": len(predictions),
@@ -128,6 +133,7 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
         "train_samples_per_second": train_metrics.get("train_samples_per_second"),
         "train_loss": train_metrics.get("train_loss"),
         "global_step": trainer.state.global_step,
+        "serving": serving,
     }
     history = trainer.state.log_history
     points = periodic_eval.eval_points(history)
@@ -135,7 +141,9 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
         examples = settings.eval_samples_during_training or len(predictions)
         metrics["eval_during_training"] = {"examples": min(examples, len(predictions)), "points": points}
     manifest = {"run_id": settings.run_id, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "settings": settings.public_dict(), "versions": versions(), **context}
+                "settings": settings.public_dict(), "versions": versions(), **context,
+                "serving_files": {runtime: [{**f, "name": f"model/{f['name']}"} for f in entry.get("files", [])]
+                                  for runtime, entry in serving["runtimes"].items()}}
     curves.plot_curves(history, model_dir / curves.FILENAME, f"{settings.run_id}: fine-tuning for extractive QA",
                        final=scores, eval_examples=_subset(metrics, len(predictions)))
     model_card.write_card(model_dir / "README.md", settings, metrics, context)

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     n_best_size: int = Field(20, ge=1, le=1000)
     max_answer_length: int = Field(30, ge=1, le=1024)
     null_score_diff_threshold: float = 0.0
+    null_threshold_choice: Literal["best_f1", "best_exact", "configured"] = Field(
+        "best_f1", description="v2: the threshold published for serving: the official best F1's, best exact's, or QA_NULL_SCORE_DIFF_THRESHOLD")
+
+    # serving exports at publish time (job/export.py): ONNX fp32 and int8, checked on the eval set
+    export: str = Field("onnx,onnx-int8", description="comma list of onnx, onnx-int8, or none")
+    int8_max_f1_drop: float = Field(1.0, ge=0, le=100, description="int8 is published only within this many F1 points of the torch model")
 
     # training (defaults: the published DistilBERT / BERT SQuAD recipe)
     epochs: float = Field(2.0, gt=0, le=1000)
@@ -208,6 +214,18 @@ class Settings(BaseSettings):
     def _channel_is_a_name(cls, v: str | None) -> str | None:
         return check_channel_name(v) if v is not None else v
 
+    @field_validator("export")
+    @classmethod
+    def _export_list(cls, v: str) -> str:
+        """Normalised to "onnx,onnx-int8" order without repeats; "none" alone or nothing."""
+        names = {n.strip().lower() for n in v.split(",") if n.strip()}
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' cannot be combined with onnx or onnx-int8")
+        unknown = sorted(names - {"none", "onnx", "onnx-int8"})
+        if unknown:
+            raise ValueError(f"unknown export {unknown[0][:20]!r}: use onnx, onnx-int8 (comma-separated) or none")
+        return ",".join(n for n in ("onnx", "onnx-int8") if n in names) or "none"
+
     @field_validator("report_to")
     @classmethod
     def _tracker_list(cls, v: str) -> str:
@@ -241,6 +259,10 @@ class Settings(BaseSettings):
     @property
     def trackers(self) -> tuple[str, ...]:
         return () if self.report_to == "none" else tuple(self.report_to.split(","))
+
+    @property
+    def export_runtimes(self) -> tuple[str, ...]:
+        return () if self.export == "none" else tuple(self.export.split(","))
 
     @property
     def distilling(self) -> bool:

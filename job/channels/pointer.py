@@ -61,6 +61,7 @@ def published_run(root: Storage, run_id: str) -> dict:
     init = inputs.get("init") if isinstance(inputs.get("init"), dict) else {}
     warm = init.get("warm_starts", 0)
     return {
+        "serving": served_files(root, run_id),
         "run_id": run_id, "model_uri": join(root.uri, run_id, "model"),
         "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
         "fingerprint": record["fingerprint"],
@@ -69,6 +70,22 @@ def published_run(root: Storage, run_id: str) -> dict:
         "data_fingerprint": str(inputs.get("train_sha256")),
         "warm_starts": warm if _count(warm) else 0,
     }
+
+
+def served_files(root: Storage, run_id: str) -> dict | None:
+    """What a server loads from the run's ``model/`` (its ``serving.json``, ``job.serving``): each published
+    runtime's files with sha256, and the windows and decoding the model was evaluated with; None for a
+    run published before serving.json existed, or one whose record does not check (torch then)."""
+    from job.serving import SERVING, serving_problem
+
+    try:
+        record = json.loads(root.get_bytes(f"{run_id}/model/{SERVING}")[0])
+    except (NotFound, ValueError, UnicodeDecodeError):
+        return None
+    if serving_problem(record):
+        return None
+    return {"runtimes": {name: {"files": entry["files"]} for name, entry in record["runtimes"].items()},
+            "decoding": record["decoding"]}
 
 
 def next_version(current: dict | None, name: str, run: dict, by: str, action: str, reason: str, *, seq: int,
@@ -113,6 +130,8 @@ def problem(p, name: str) -> str:
         return "promoted_by must be 'nightly' or 'manual'"
     if p.get("held") is not None and not isinstance(p["held"], dict):
         return "held must be an object or null"
+    if p.get("serving") is not None and not isinstance(p["serving"], dict):
+        return "serving must be an object or null"
     return ""
 
 

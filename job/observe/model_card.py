@@ -67,6 +67,44 @@ def _distilled(distillation: dict | None) -> str:
             f"{distillation.get('temperature')})")
 
 
+_RUNTIMES = {"torch": "torch (fp32)", "onnx": "ONNX Runtime, fp32", "onnx-int8": "ONNX Runtime, int8 (dynamic)"}
+
+
+def _serving(serving: dict | None) -> str:
+    """The card's "Serving" section: each published runtime's file with its sha256 and scores, what was not
+    published and why, and SQuAD v2's no-answer threshold (``job.export``)."""
+    if not serving:
+        return ""
+    lines = ["## Serving", "",
+             "Scored on the eval set above with the same windows and decoding, on the CPU (`serving.json` records it all).",
+             "", "| runtime | file | bytes | sha256 | exact match | F1 | check |", "|---|---|---|---|---|---|---|"]
+    for runtime, entry in serving.get("runtimes", {}).items():
+        em, f1 = entry.get("exact_match"), entry.get("f1")
+        check = ""
+        if "mismatches" in entry:
+            check = (f"answers as torch (largest logit difference {entry['max_abs_logit_diff']:.2g}, "
+                     f"{entry['near_ties']} near-ties)")
+        elif "f1_drop" in entry:
+            check = f"F1 {entry['f1_drop']:+.2f} below torch" if entry["f1_drop"] >= 0 else f"F1 {-entry['f1_drop']:.2f} above torch"
+        for f in entry.get("files", []):
+            lines.append(f"| {_RUNTIMES.get(runtime, runtime)} | `{f['name']}` | {f['bytes']:,} | `{f['sha256']}` | "
+                         f"{'' if em is None else f'{em:.2f}'} | {'' if f1 is None else f'{f1:.2f}'} | {check} |")
+    for runtime, why in serving.get("not_published", {}).items():
+        lines.append(f"\nNot published: {_RUNTIMES.get(runtime, runtime)}: {why}.")
+    threshold = serving.get("null_threshold")
+    if threshold:
+        lines.append(f"\nNo-answer threshold (SQuAD v2), applied by `job.answer` unless `--null-threshold` is given: "
+                     f"**{threshold['value']:.4g}** ({threshold['choice']}). The official search found best F1 "
+                     f"{_num(threshold.get('best_f1'))} at {_num(threshold.get('best_f1_thresh'))} and best exact match "
+                     f"{_num(threshold.get('best_exact'))} at {_num(threshold.get('best_exact_thresh'))}; the scores above "
+                     f"use {threshold['configured']:g} (`QA_NULL_SCORE_DIFF_THRESHOLD`).")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value) -> str:
+    return "?" if value is None else f"{value:.4g}"
+
+
 def write_card(path: Path, settings, metrics: dict, context: dict) -> None:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -114,6 +152,7 @@ Official SQuAD {'v2.0' if settings.squad_v2 else 'v1.1'} rules on `{eval_name}` 
 |---|---|---|---|
 {chr(10).join(rows)}
 
+{_serving(metrics.get("serving"))}
 ## Training curves
 
 ![Training loss, learning rate and evaluation scores against step]({CURVES})
@@ -129,6 +168,7 @@ Official SQuAD {'v2.0' if settings.squad_v2 else 'v1.1'} rules on `{eval_name}` 
 
 ```sh
 python -m job.answer --model <this folder or s3://.../model> --question "Who won?" --context "The Broncos won."
+python -m job.answer --runtime onnx-int8 --model <this folder or s3://.../model> --question "Who won?" --context "The Broncos won."
 ```
 
 transformers 5 has no `question-answering` pipeline; `job.answer` decodes exactly as the evaluation did.

@@ -59,4 +59,21 @@ def log_summary(settings, metrics: dict) -> None:
         "train_samples_per_second": metrics.get("train_samples_per_second"),
         "model": model, "curves": join(model, CURVES), "tensorboard": tensorboard_command(settings),
         "answer_command": answer_command(settings, model),
+        **serving_summary(metrics.get("serving")),
     })
+
+
+def serving_summary(serving: dict | None) -> dict:
+    """What the summary says of the exports (``job.export``): EM/F1 per published runtime, what was not
+    published and why, v2's chosen no-answer threshold."""
+    if not serving:
+        return {}
+    out = {"serving": {runtime: {k: entry.get(k) for k in ("exact_match", "f1") if k in entry}
+                       for runtime, entry in serving.get("runtimes", {}).items()}}
+    if serving.get("not_published"):
+        out["not_published"] = serving["not_published"]
+    if serving.get("null_threshold"):
+        t = serving["null_threshold"]
+        out["null_threshold"] = {k: t.get(k) for k in ("choice", "value", "best_f1", "best_f1_thresh", "best_exact",
+                                                        "best_exact_thresh")}
+    return out

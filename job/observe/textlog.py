@@ -63,6 +63,17 @@ def _summary(f: dict) -> str:
     if f.get("tensorboard"):
         lines.append(f"  {'TensorBoard':<13}{f['tensorboard']}")
     lines.append(f"  {'try it':<13}{f.get('answer_command')}")
+    for runtime, scores in (f.get("serving") or {}).items():
+        if runtime != "torch" and scores:
+            lines.append(f"  {runtime:<13}EM {_num(scores.get('exact_match'))} · F1 {_num(scores.get('f1'))} "
+                         f"(torch on the same windows: F1 {_num((f['serving'].get('torch') or {}).get('f1'))})")
+    for runtime, why in (f.get("not_published") or {}).items():
+        lines.append(f"  {runtime:<13}not published: {why}")
+    t = f.get("null_threshold")
+    if t:
+        lines.append(f"  {'no-answer':<13}threshold {_num(t.get('value'), 3)} ({t.get('choice')}); best F1 "
+                     f"{_num(t.get('best_f1'))} at {_num(t.get('best_f1_thresh'), 3)}, best EM {_num(t.get('best_exact'))} "
+                     f"at {_num(t.get('best_exact_thresh'), 3)}")
     return "\n".join(lines)
 
 
@@ -90,6 +101,8 @@ _RENDER = {
     "eval": _eval,
     "train_end": lambda f: f"training done at step {f.get('step')} in {duration(f.get('train_runtime'))} "
                            f"({_num(f.get('train_samples_per_second'))} samples/s)",
+    "export": lambda f: (f"exports checked in {_num(f.get('seconds'))} s; published: {', '.join(f.get('published') or [])}"
+                         + "".join(f"; not {k}: {v}" for k, v in (f.get("not_published") or {}).items())),
     "published": lambda f: f"results published to {f.get('uri')} ({f.get('files')} files)",
     "summary": _summary,
     "sample_answer": _sample,

@@ -89,11 +89,35 @@ def count_nonfinite(start_logits, end_logits, lengths: Sequence[int]) -> int:
 def decode_all(rows: Sequence[dict], example_index: Sequence[int], offsets: Sequence, start_logits, end_logits,
                **options) -> dict[str, str]:
     """``{id: answer text}`` for every example; windows are grouped by their example index."""
+    return {rid: answer.text for rid, answer in decode_answers(rows, example_index, offsets, start_logits, end_logits,
+                                                               **options).items()}
+
+
+def decode_answers(rows: Sequence[dict], example_index: Sequence[int], offsets: Sequence, start_logits, end_logits,
+                   **options) -> dict[str, Answer]:
+    """``{id: Answer}`` for every example; windows are grouped by their example index.
+
+    With ``version_2=False`` (whatever the data) each answer is the best span, which SQuAD v2's
+    threshold search needs: ``no_answer_text`` then gives the text any threshold would answer.
+    """
     by_example: dict[int, list[int]] = {}
     for feature, ex in enumerate(example_index):
         by_example.setdefault(int(ex), []).append(feature)
-    predictions = {}
+    answers = {}
     for ex, row in enumerate(rows):
         windows = ((start_logits[f], end_logits[f], offsets[f]) for f in by_example.get(ex, []))
-        predictions[row["id"]] = decode_answer(windows, row["context"], **options).text
-    return predictions
+        answers[row["id"]] = decode_answer(windows, row["context"], **options)
+    return answers
+
+
+def null_difference(answer: Answer) -> float:
+    """SQuAD v2's no-answer score of a best-span answer: null score minus the best span's (the official
+    script's ``na_prob``; higher means "rather no answer"). No span at all is +inf; NaN counts as +inf."""
+    diff = answer.null_score - answer.score
+    return np.inf if diff != diff else float(diff)
+
+
+def no_answer_text(answer: Answer, null_threshold: float) -> str:
+    """The v2 answer of a best-span answer at ``null_threshold``: empty when the null difference exceeds it,
+    exactly the rule ``decode_answer(version_2=True)`` applies."""
+    return "" if answer.start < 0 or answer.null_score - answer.score > null_threshold else answer.text

@@ -98,3 +98,38 @@ def per_example_scores(rows, predictions: dict[str, str], version_2: bool = Fals
     prediction; v1.1 counts them as 0). The quality gate pairs these per question.
     """
     return {rid: {"exact_match": 100.0 * em, "f1": 100.0 * f} for rid, em, f, _ in _scored(rows, predictions, version_2)}
+
+
+def best_thresholds(rows, best_spans: dict[str, str], null_differences: dict[str, float]) -> dict:
+    """SQuAD v2's best no-answer thresholds, as the official v2.0 script's ``find_best_thresh`` finds them.
+
+    ``best_spans`` is each question's best-span answer (what it says when it must answer) and
+    ``null_differences`` its null score minus that span's score (the script's ``na_prob``: a
+    question is answered "" when it exceeds the threshold). The search starts with every question
+    answered "" (each unanswerable one right), then takes the questions in increasing
+    ``null_differences`` order (a stable sort: ties keep this order, as the script's ``sorted`` over
+    its dict keeps the file's), answering each: an answerable one adds its score, an unanswerable
+    one loses 1 if its best span is not empty; the best running total and the null difference at
+    which it was reached are the result (0.0 when answering nothing is best). Returns
+    ``best_exact``, ``best_exact_thresh``, ``best_f1``, ``best_f1_thresh`` (scores in points over
+    the questions with a prediction, as the script's).
+    """
+    rows = [{"id": row["id"], "answers": row["answers"]} for row in rows]  # read once: rows may be a generator
+    scored = list(_scored(rows, best_spans, version_2=True))
+    has_answer = {row["id"]: bool(row["answers"]["text"]) for row in rows}
+    no_answer = sum(1 for v in has_answer.values() if not v)
+    order = sorted(null_differences, key=lambda rid: null_differences[rid])
+    out = {}
+    for column, name in ((1, "exact"), (2, "f1")):
+        raw = {item[0]: item[column] for item in scored}
+        current = best = float(no_answer)
+        threshold = 0.0
+        for rid in order:
+            if rid not in raw:
+                continue
+            current += raw[rid] if has_answer[rid] else (-1.0 if best_spans[rid] else 0.0)
+            if current > best:
+                best, threshold = current, null_differences[rid]
+        out[f"best_{name}"] = 100.0 * best / max(len(raw), 1)
+        out[f"best_{name}_thresh"] = threshold
+    return out

@@ -46,10 +46,13 @@ def model_identity(name: str, setting: str = "QA_MODEL_NAME") -> str:
     return f"{name}@{config.parent.name}"
 
 
-def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None, what: str = "") -> Path:
+def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: str | None = None, what: str = "",
+                runtime: str | None = None) -> Path:
     """A local folder for a model given as a model or run folder, local or ``s3://bucket/prefix``.
 
     ``what`` names the model in errors (default ``--model <uri>``, as ``job.answer`` is given it).
+    ``runtime`` (``job.serving``): from ``s3://`` only what that runtime loads: the weights of the
+    other runtimes (``*.safetensors``, ``*.onnx``) stay in storage (a DistilBERT's three are 0.6 GB).
     """
     what = what or f"--model {uri}"
     if not uri.startswith("s3://"):
@@ -67,6 +70,8 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
     top_level = [k for k in keys if "/" not in k]  # a model's own files; never checkpoints or caches
     if "config.json" not in top_level:
         raise ConfigError(f"{what}: no model there (no config.json)")
+    if runtime is not None:
+        top_level = [k for k in top_level if not _other_runtimes_file(k, runtime)]
     for key in top_level:
         try:
             local = confine(dest, key)
@@ -74,3 +79,12 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
             raise ConfigError(f"{what}: refusing an unsafe object name ({exc})") from None
         store.get_file(key, local)
     return dest
+
+
+def _other_runtimes_file(name: str, runtime: str) -> bool:
+    """A weights file that ``runtime`` does not load: the torch weights for an ONNX runtime, any other graph."""
+    from job.serving import ONNX_FILES, TORCH
+
+    if name.endswith((".safetensors", ".bin")) and name != "training_args.bin":
+        return runtime != TORCH
+    return name.endswith(".onnx") and name != ONNX_FILES.get(runtime)
