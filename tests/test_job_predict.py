@@ -33,7 +33,7 @@ def published(seaweed, tmp_path_factory, tiny_model):
 def predict_env(published, work, output: str, **settings) -> dict:
     env = {"QA_PREDICT_MODEL": published["model"], "QA_PREDICT_INPUT_URI": str(EVAL),
            "QA_PREDICT_OUTPUT_URI": f"s3://{published['bucket']}/{output}", "QA_WORK_DIR": str(work),
-           "QA_PREDICT_CHUNK_ROWS": str(CHUNK_ROWS), "QA_MAX_LENGTH": "128", "QA_DOC_STRIDE": "48",
+           "QA_PREDICT_CHUNK_ROWS": str(CHUNK_ROWS),  # windows and decoding: the model's serving.json
            "QA_LEASE_SECONDS": "5", "QA_STORAGE_TIMEOUT_SECONDS": "3", "QA_STORAGE_ATTEMPTS": "3",
            "QA_STORAGE_BACKOFF_SECONDS": "0.2", "QA_LOG_FORMAT": "json", **published["s3"]}
     env.update({k: str(v) for k, v in settings.items()})
@@ -58,6 +58,11 @@ def reference(published, tmp_path_factory):
     """The uninterrupted run's file."""
     result = predict(predict_env(published, tmp_path_factory.mktemp("ref"), "reference"))
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    assert published["s3"]["AWS_SECRET_ACCESS_KEY"] not in result.stdout + result.stderr
+    assert [(e["runtime"], e["device"]) for e in result.event("scorer")] == [("torch", "cpu")]
+    (bound,) = result.event("bound")
+    # what the model was evaluated with (its serving.json: the training run's 128/48), not the job's 384/128
+    assert (bound["decoding"]["max_length"], bound["decoding"]["doc_stride"]) == (128, 48)
     return read(published, "reference/predictions.jsonl")
 
 

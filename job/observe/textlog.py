@@ -117,6 +117,7 @@ _RENDER = {
     "bound": lambda f: f"{f.get('rows')} questions from {f.get('input')}, model {f.get('model')}",
     "plan": lambda f: f"shard {f.get('shard')}: {f.get('rows')} rows in {f.get('chunks')} chunks, {f.get('committed')} "
                       f"committed" + (f", predicting from chunk {f['resume_from']}" if f.get("resume_from") is not None else ""),
+    "scorer": lambda f: f"model loaded: {f.get('runtime')} runtime on {f.get('device')}",
     "chunk_committed": lambda f: f"chunk {f.get('chunk')} of {f.get('of')} committed ({f.get('rows')} rows, "
                                  f"{f.get('windows')} windows, {_num(f.get('windows_per_second'))} windows/s)",
     "shard_done": lambda f: f"shard {f.get('shard')} done; {f.get('shards_complete')} of {f.get('shards')} shards complete",

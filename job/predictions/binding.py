@@ -23,6 +23,7 @@ from job.answer import channel_model
 from job.data import Split, load_split
 from job.errors import ConfigError, DataError
 from job.predictions.settings import Decoding, PredictSettings, decoding, env_name
+from job.serving import read_serving
 from job.settings import Settings
 from job.store.fingerprint import job_version
 from job.store.models import fetch_model, model_identity
@@ -107,12 +108,13 @@ def _resolve(settings: PredictSettings, record: dict | None, work: Path, policy:
     shutil.rmtree(local, ignore_errors=True)  # an earlier attempt's copy may be another model's (a channel that moved)
     what = f"QA_PREDICT_MODEL={settings.predict_model}" + (f" (channel {settings.predict_channel}: {model_uri})"
                                                            if settings.predict_channel else "")
-    model_dir = fetch_model(model_uri, local, settings.s3_endpoint_url, settings.s3_region, what=what)
+    model_dir = fetch_model(model_uri, local, settings.s3_endpoint_url, settings.s3_region, what=what,
+                            runtime=settings.predict_runtime)  # only the runtime's weights
     identity = model_identity(str(model_dir), "QA_PREDICT_MODEL")
     if record is not None and record["model"].get("identity") != identity:
         raise ConfigError(f"{what}: the model's files changed since these predictions started (sha256 differs); "
                           "put it back, or use another output")
-    chosen = decoding(settings, _serving_decoding(model_dir))
+    chosen = decoding(settings, read_serving(model_dir)["decoding"])  # what the model was evaluated with
     stop_check()
     split = read_input(settings, chosen.version_2, work, policy, (record or {}).get("input", {}).get("pin"))
     if record is not None and (record["input"].get("sha256"), record["input"].get("rows")) != (split.sha256, split.examples):
@@ -135,17 +137,6 @@ def read_input(settings: PredictSettings, version_2: bool, work: Path, policy: R
                        run_id="input", squad_v2=version_2, s3_endpoint_url=settings.s3_endpoint_url,
                        s3_region=settings.s3_region)
     return load_split("eval", as_eval, policy, {"eval": pin} if pin else None, answers_optional=True)
-
-
-def _serving_decoding(model_dir: Path) -> dict:
-    """What the model was evaluated with, from its ``serving.json`` ({} without one)."""
-    path = model_dir / "serving.json"
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())["decoding"]
-    except (ValueError, KeyError, TypeError, OSError):
-        raise ConfigError(f"{path}: not readable") from None
 
 
 def _summary(record: dict) -> dict:

@@ -60,16 +60,18 @@ def read_marker(raw: bytes, chunk: int, rows: range) -> dict | None:
     return value if ok else None
 
 
-def prediction(rid: str, answer, version_2: bool) -> dict:
+def prediction(rid: str, answer, text: str, version_2: bool) -> dict:
     """One line of the output: the answer, its character offsets (-1 when empty), its score, and under SQuAD v2
     how much the model prefers no answer.
 
-    ``answer`` is a ``job.squad.decoding.Answer``. ``null_score_diff`` is its null score minus its best
-    span's (``QA_NULL_SCORE_DIFF_THRESHOLD`` is compared with it: above it, the answer is empty), and
+    ``answer`` is the best span (a ``job.squad.decoding.Answer``) and ``text`` what evaluation answers
+    with it: the span, or under v2 "" when the null difference exceeds the threshold.
+    ``null_score_diff`` is that difference (the null score minus the best span's), and
     ``no_answer_probability`` its logistic: the model's probability of "no answer" against the best span
     alone, a softmax over those two. Infinite scores (no span qualified) are written as null.
     """
-    line = {"id": rid, "answer": answer.text, "start": answer.start, "end": answer.end, "score": _finite(answer.score)}
+    start, end = (answer.start, answer.end) if text else (-1, -1)
+    line = {"id": rid, "answer": text, "start": start, "end": end, "score": _finite(answer.score)}
     if version_2:
         diff = answer.null_score - answer.score
         diff = math.inf if diff != diff else diff  # no span at all: -inf score, nothing to prefer over "no answer"

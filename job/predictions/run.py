@@ -12,10 +12,10 @@ import logging
 import time
 from pathlib import Path
 
-from job.errors import ConfigError, Preempted
+from job.errors import Preempted
 from job.predictions import binding, output
 from job.predictions.chunks import lines, new_token
-from job.predictions.scoring import predict_chunk
+from job.predictions.scoring import open_scorer, predict_chunk
 from job.predictions.settings import PredictSettings
 from job.rows import chunk
 from job.store.lease import Lease
@@ -80,7 +80,7 @@ def predict_shard(settings: PredictSettings, bound, out: output.ShardOutput, sto
             began = time.monotonic()
             part = out.plan[index]
             predictions, windows = predict_chunk(scorer, chunk(bound.split.rows, part.start, len(part)), bound.decoding,
-                                                 settings.eval_batch_size, lambda: check_stop(stop))
+                                                 settings.eval_batch_size, _Stop(stop))
             data = lines(predictions)
             key = out.put_chunk(index, data)  # whole, then committed: a chunk counts only with its marker
             out.commit_chunk(index, key, data)
@@ -90,16 +90,6 @@ def predict_shard(settings: PredictSettings, bound, out: output.ShardOutput, sto
                                                "seconds": round(seconds, 3),
                                                "windows_per_second": round(windows / seconds, 1) if seconds else None})
     out.complete()
-
-
-def open_scorer(settings: PredictSettings, model_dir: Path):
-    from job.predictions.scoring import TorchScorer
-
-    try:
-        return TorchScorer(model_dir, "cpu")
-    except OSError as exc:  # files that do not load as a model (transformers says which)
-        raise ConfigError(f"QA_PREDICT_MODEL={settings.predict_model}: cannot load: "
-                          f"{str(exc).splitlines()[0][:200]}") from None
 
 
 def check_stop(stop) -> None:
@@ -115,3 +105,12 @@ def _storage(uri: str, settings: PredictSettings, policy: RetryPolicy, check: bo
         store.check_access()  # wrong credentials or a missing bucket: exit 2 now, not after the model is loaded
     return store
 
+
+class _Stop:
+    """``check()`` between batches, as evaluation's loop calls it, with predictions' own message."""
+
+    def __init__(self, stop):
+        self.stop = stop
+
+    def check(self) -> None:
+        check_stop(self.stop)

@@ -1,71 +1,48 @@
-"""A chunk of rows to prediction lines: windows, length-ordered batches through a scorer, evaluation's decoding.
+"""A chunk of rows to prediction lines: evaluation's windows, batches and decoding, through a ``job.serving`` scorer.
 
-The windows are ``job.squad.features.eval_features``'s and the answers ``job.squad.decoding``'s,
-with the options the model was evaluated with, so a prediction is the answer evaluation gives.
-Within a chunk the windows go through the model longest first, as ``job.evaluate`` orders them
-(each batch padded only to its own longest window), and the logits are put back in row order
-before decoding. A chunk is the unit of work: the same rows in the same chunk give the same
-batches, so a rerun computes a chunk exactly as the attempt before it did.
+Nothing here is predictions' own: the windows are ``job.preprocess.feature_dataset``'s (the table
+evaluation scores), the logits come from ``job.evaluate.scorer_logits`` (windows longest first,
+each batch padded to its own longest, as evaluation orders them), and the answers from
+``job.evaluate.decode_example_answers`` and ``final_predictions`` (``job.squad.decoding``, SQuAD
+v2's threshold applied as evaluation applies it). A chunk is the unit of work: the same rows in
+the same chunk give the same batches, so a rerun computes a chunk exactly as the attempt before.
 """
 from __future__ import annotations
 
-import numpy as np
+import logging
+from pathlib import Path
 
+from job.errors import ConfigError
 from job.predictions.chunks import prediction
-from job.predictions.settings import Decoding
-from job.squad.decoding import decode_answer
-from job.squad.features import eval_features
+from job.predictions.settings import Decoding, PredictSettings
+
+log = logging.getLogger(__name__)
 
 
-def predict_chunk(scorer, rows: list[dict], decoding: Decoding, batch_size: int, between_batches=lambda: None
-                  ) -> tuple[list[dict], int]:
-    """``(prediction lines in row order, windows scored)``; ``between_batches()`` may raise to stop."""
-    from job.evaluate import length_order  # here: job.evaluate imports the Trainer, which a bad row need not wait for
+def predict_chunk(scorer, rows: list[dict], decoding: Decoding, batch_size: int, stop=None) -> tuple[list[dict], int]:
+    """``(prediction lines in row order, windows scored)``; ``stop.check()`` may end it between batches."""
+    # here, not at the top: job.evaluate imports the Trainer, which a bad row or a typo need not wait for
+    from job.evaluate import decode_example_answers, final_predictions, scorer_logits
+    from job.preprocess import feature_dataset
 
-    tokenizer = scorer.tokenizer
-    features = eval_features(tokenizer, rows, decoding.max_length, decoding.doc_stride)
-    names = list(tokenizer.model_input_names)
-    lengths = np.asarray([len(ids) for ids in features["input_ids"]], dtype=np.int64)
-    order = length_order(lengths)
-    width = int(lengths.max()) if len(lengths) else 0
-    start, end = (np.full((len(lengths), width), -100.0, dtype=np.float32) for _ in range(2))
-    for begin in range(0, len(order), batch_size):
-        between_batches()
-        take = order[begin:begin + batch_size]
-        padded = tokenizer.pad({k: [features[k][i] for i in take] for k in names}, return_tensors="np")
-        batch = {k: np.asarray(padded[k], dtype=np.int64) for k in names}
-        s, e = scorer(batch)
-        start[take, :s.shape[1]] = s[:, :width]
-        end[take, :e.shape[1]] = e[:, :width]
-    windows: dict[int, list[int]] = {}
-    for window, example in enumerate(features["example_index"]):
-        windows.setdefault(int(example), []).append(window)
-    options = decoding.options()
-    out = []
-    for example, row in enumerate(rows):
-        answer = decode_answer(((start[w], end[w], features["offset_mapping"][w]) for w in windows.get(example, [])),
-                               row["context"], **options)
-        out.append(prediction(row["id"], answer, decoding.version_2))
-    return out, len(lengths)
+    features = feature_dataset("eval", scorer.tokenizer, rows, decoding.max_length, decoding.doc_stride)
+    start, end = scorer_logits(scorer, features, batch_size, stop)
+    answers = decode_example_answers(rows, features, start, end, decoding)  # best spans
+    texts = final_predictions(answers, decoding.version_2, decoding.null_score_diff_threshold)
+    return [prediction(row["id"], answers[row["id"]], texts[row["id"]], decoding.version_2) for row in rows], len(features)
 
 
-class TorchScorer:
-    """The transformers model in fp32, on the CPU: what ``job.serving.open_scorer`` gives for ``torch``."""
+def open_scorer(settings: PredictSettings, model_dir: Path):
+    """The model on ``QA_PREDICT_RUNTIME``; the torch runtime on the device ``QA_DEVICE`` chooses (exit 2 when
+    it cannot be used as asked, as the job's device check), ONNX Runtime on the CPU."""
+    from job import serving
+    from job.runtime.device import choose_device, probe_gpus
 
-    runtime = "torch"
-
-    def __init__(self, model_dir, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForQuestionAnswering, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        self.model = AutoModelForQuestionAnswering.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-        self.device = torch.device(device)
-        self.model.to(self.device)
-
-    def __call__(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            out = self.model(**{k: torch.as_tensor(v).to(self.device) for k, v in batch.items()})
-        return out.start_logits.float().cpu().numpy(), out.end_logits.float().cpu().numpy()
+    device = choose_device(settings.device, probe_gpus()) if settings.predict_runtime == serving.TORCH else "cpu"
+    try:
+        scorer = serving.open_scorer(model_dir, settings.predict_runtime, device=device)
+        log.info("model loaded", extra={"event": "scorer", "runtime": settings.predict_runtime, "device": device})
+        return scorer
+    except OSError as exc:  # files that do not load as a model (transformers or ONNX Runtime says which)
+        raise ConfigError(f"QA_PREDICT_MODEL={settings.predict_model}: cannot load: "
+                          f"{str(exc).splitlines()[0][:200]}") from None

@@ -171,11 +171,6 @@ class Decoding:
     version_2: bool
     null_score_diff_threshold: float
 
-    def options(self) -> dict:
-        """The keyword arguments ``job.squad.decoding.decode_answer`` takes."""
-        return dict(n_best=self.n_best_size, max_answer_length=self.max_answer_length, version_2=self.version_2,
-                    null_threshold=self.null_score_diff_threshold)
-
 
 def decoding(settings: PredictSettings, recorded: dict) -> Decoding:
     """A setting where one is given, else what the model was evaluated with (``serving.json``'s ``decoding``),

@@ -38,16 +38,19 @@ def test_a_marker_is_read_back_only_when_it_is_exactly_what_this_plan_commits():
 
 def test_a_prediction_line_has_the_answer_its_offsets_and_its_score():
     answer = Answer("Denver", 0, 6, 7.25, 1.0)
-    assert prediction("q1", answer, False) == {"id": "q1", "answer": "Denver", "start": 0, "end": 6, "score": 7.25}
-    assert lines([prediction("q1", answer, False)]).decode() == json.dumps(prediction("q1", answer, False)) + "\n"
+    line = prediction("q1", answer, "Denver", False)
+    assert line == {"id": "q1", "answer": "Denver", "start": 0, "end": 6, "score": 7.25}
+    assert lines([line]).decode() == json.dumps(line) + "\n"
 
 
 def test_under_v2_the_line_says_how_much_the_model_prefers_no_answer():
-    line = prediction("q1", Answer("", -1, -1, 2.0, 3.0), True)
+    # the best span "Denver", answered "" because the null difference (1.0) is over the threshold
+    line = prediction("q1", Answer("Denver", 0, 6, 2.0, 3.0), "", True)
+    assert (line["answer"], line["start"], line["end"], line["score"]) == ("", -1, -1, 2.0)
     assert line["null_score_diff"] == 1.0
     assert line["no_answer_probability"] == pytest.approx(1 / (1 + math.exp(-1.0)))
-    assert prediction("q", Answer("x", 0, 1, 3.0, 3.0), True)["no_answer_probability"] == 0.5
-    nothing = prediction("q", Answer("", -1, -1, -math.inf, 1.0), True)  # no span qualified: nothing but "no answer"
+    assert prediction("q", Answer("x", 0, 1, 3.0, 3.0), "x", True)["no_answer_probability"] == 0.5
+    nothing = prediction("q", Answer("", -1, -1, -math.inf, 1.0), "", True)  # no span qualified: only "no answer"
     assert (nothing["score"], nothing["null_score_diff"], nothing["no_answer_probability"]) == (None, None, 1.0)
-    assert prediction("q", Answer("x", 0, 1, 800.0, -800.0), True)["no_answer_probability"] == 0.0  # no overflow
+    assert prediction("q", Answer("x", 0, 1, 800.0, -800.0), "x", True)["no_answer_probability"] == 0.0  # no overflow
     json.dumps(nothing, allow_nan=False)

@@ -64,3 +64,11 @@ def test_decoding_is_the_setting_else_the_models_serving_json_else_the_jobs_defa
     assert decoding(load_predict_settings(BASE), {}).max_length == 384
     with pytest.raises(ConfigError, match="QA_DOC_STRIDE: must be smaller than QA_MAX_LENGTH .*serving.json"):
         decoding(load_predict_settings({**BASE, "QA_DOC_STRIDE": "300"}), recorded)
+
+
+def test_a_runtime_the_model_was_not_published_with_is_a_configuration_error(tiny_model):
+    from job.predictions.scoring import open_scorer
+
+    settings = load_predict_settings({**BASE, "QA_PREDICT_RUNTIME": "onnx-int8"})
+    with pytest.raises(ConfigError, match="runtime onnx-int8: .* was not published with it"):
+        open_scorer(settings, tiny_model)
