@@ -133,6 +133,7 @@ def merge(root, open_shard, rows, total_rows: int, shards: int, chunk_rows: int,
     ``open_shard(i)`` is shard ``i``'s storage; ``rows`` the input's rows, for the gold answers.
     """
     totals, scored, chunks = ScoreTotals(version_2), 0, 0
+    gold_rows = rows if isinstance(rows, list) else rows.select_columns(list(SCORED))  # never the contexts
     with tempfile.TemporaryDirectory() as tmp:
         merged = Path(tmp) / MERGED
         with open(merged, "wb") as out:
@@ -145,8 +146,7 @@ def merge(root, open_shard, rows, total_rows: int, shards: int, chunk_rows: int,
                     data = _verified(store, markers.get(index), index)
                     out.write(data)
                     chunks += 1
-                    gold = [r for r in chunk(rows.select_columns(list(SCORED)), part.start, len(part))
-                            if r["answers"] is not None]
+                    gold = [r for r in chunk(gold_rows, part.start, len(part)) if r["answers"] is not None]
                     if gold:
                         answers = {line["id"]: line["answer"] for line in map(json.loads, data.splitlines())}
                         totals.add(gold, answers)

@@ -48,7 +48,7 @@ class PredictSettings(BaseSettings):
     predict_split: str = Field("validation", description="hub split, with QA_DATASET")
     predict_output_uri: str = Field(description="local folder or s3://bucket/prefix for the predictions")
     predict_runtime: Literal["torch", "onnx", "onnx-int8"] = "torch"
-    predict_chunk_rows: int = Field(1000, ge=1, le=1_000_000, description="rows per committed chunk")
+    predict_chunk_rows: int = Field(1000, ge=1, le=100_000, description="rows per committed chunk (its windows are in memory)")
     predict_shards: int = Field(1, ge=1, le=MAX_SHARDS, description="completions of the Indexed Job")
     shard: int = Field(0, ge=0, description="this pod's shard: JOB_COMPLETION_INDEX, not a QA_ variable")
 

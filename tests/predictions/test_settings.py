@@ -66,9 +66,10 @@ def test_decoding_is_the_setting_else_the_models_serving_json_else_the_jobs_defa
         decoding(load_predict_settings({**BASE, "QA_DOC_STRIDE": "300"}), recorded)
 
 
-def test_a_runtime_the_model_was_not_published_with_is_a_configuration_error(tiny_model):
+def test_a_runtime_the_model_was_not_published_with_is_a_configuration_error(tmp_path):
     from job.predictions.scoring import open_scorer
 
+    (tmp_path / "config.json").write_text("{}")  # a model without serving.json: torch only
     settings = load_predict_settings({**BASE, "QA_PREDICT_RUNTIME": "onnx-int8"})
     with pytest.raises(ConfigError, match="runtime onnx-int8: .* was not published with it"):
-        open_scorer(settings, tiny_model)
+        open_scorer(settings, tmp_path)
