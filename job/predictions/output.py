@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from job.errors import DataError
-from job.predictions.chunks import CHUNK_NAME, chunk_ranges, marker, marker_key, read_marker, shard_rows
+from job.predictions.chunks import CHUNK_NAME, chunk_ranges, data_key, marker, marker_key, read_marker, shard_rows
 from job.rows import SCORED, chunk
 from job.squad.metrics import ScoreTotals
 from job.store.storage import NotFound, PreconditionFailed, sha256_file
@@ -56,8 +56,6 @@ class ShardOutput:
 
     def put_chunk(self, index: int, data: bytes) -> str:
         """Write the chunk's lines whole, under this writer's name; it counts only once ``commit_chunk`` ran."""
-        from job.predictions.chunks import data_key
-
         key = data_key(index, self.token)
         self.store.put_bytes(key, data)
         return key
@@ -113,7 +111,7 @@ def committed_markers(store, plan: list[range]) -> dict[int, dict]:
     return found
 
 
-def shards_complete(root, shards: int) -> int:
+def shards_complete(root) -> int:
     """How many shards have their ``COMPLETE``."""
     return sum(1 for key in root.list(SHARDS) if key.endswith("/" + DONE))
 

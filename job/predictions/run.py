@@ -50,7 +50,7 @@ def run(settings: PredictSettings, stop) -> None:
                                  settings.predict_chunk_rows, new_token(lease.token))
         if not out.is_complete():
             predict_shard(settings, bound, out, stop)
-        done = output.shards_complete(root, settings.predict_shards)
+        done = output.shards_complete(root)
         if done < settings.predict_shards:
             log.info("shard done; the last shard to finish merges", extra={
                 "event": "shard_done", "shard": settings.shard, "shards_complete": done, "shards": settings.predict_shards})
