@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 
 def run(settings: PredictSettings, stop) -> None:
+    stop = _Stop(stop) if stop is not None else None  # predictions' own words when a stop ends a lease wait
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     root = _storage(settings.predict_output_uri, settings, policy, check=True)
     record = binding.read(root)
@@ -80,7 +81,7 @@ def predict_shard(settings: PredictSettings, bound, out: output.ShardOutput, sto
             began = time.monotonic()
             part = out.plan[index]
             predictions, windows = predict_chunk(scorer, chunk(bound.split.rows, part.start, len(part)), bound.decoding,
-                                                 settings.eval_batch_size, _Stop(stop))
+                                                 settings.eval_batch_size, stop)
             data = lines(predictions)
             key = out.put_chunk(index, data)  # whole, then committed: a chunk counts only with its marker
             out.commit_chunk(index, key, data)
@@ -107,10 +108,13 @@ def _storage(uri: str, settings: PredictSettings, policy: RetryPolicy, check: bo
 
 
 class _Stop:
-    """``check()`` between batches, as evaluation's loop calls it, with predictions' own message."""
+    """The stop request, whose ``check()`` (between batches, in a lease wait) says how predictions resume."""
 
     def __init__(self, stop):
         self.stop = stop
+
+    def __getattr__(self, name):  # requested, signal_name, wait, time_left: the request's own
+        return getattr(self.stop, name)
 
     def check(self) -> None:
         check_stop(self.stop)
