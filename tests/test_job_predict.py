@@ -119,7 +119,7 @@ def test_killed_resumes_at_the_first_uncommitted_chunk_stopped_exits_143_and_the
 
     # the rerun resumes at chunk 2; while it runs, a replacement pod on another node (its own scratch) watches
     # the shard's lease, sees it renewed and stops (exit 4) without writing; then the rerun gets a SIGTERM
-    resumed = RunningJob(env, module="tests.support.killer", args=("slow:chunk_committed=2", "job.predict"))
+    resumed = RunningJob(env, module="tests.support.killer", args=("slow:chunk_committed=2.5", "job.predict"))
     resumed.wait_for("lease")
     second = run_job({**env, "QA_WORK_DIR": str(tmp_path / "b")}, "job.predict")
     resumed.wait_for("chunk_committed")
