@@ -16,13 +16,14 @@ from job.errors import EXIT_OK
 from job.observe.console import failure_exit, print_error
 from job.runtime.preemption import StopRequest, exit_now
 
+PROGRAM = "qa-finetune predict"  # the one error line's prefix
 PLACES = "QA_WORK_DIR / QA_PREDICT_OUTPUT_URI"
 
 
 def main(environ=None) -> int:
     environ = os.environ if environ is None else environ
     # first thing: a signal at any moment is a stop request, and a stuck stop still ends with our own code
-    stop = StopRequest(on_deadline=lambda s: exit_now(s, say=print_error)).install()
+    stop = StopRequest(on_deadline=lambda s: exit_now(s, say=lambda m, c: print_error(m, c, PROGRAM))).install()
     from job.observe.logs import setup_logging, use_format
     from job.observe.redaction import register_secrets
 
@@ -42,7 +43,7 @@ def main(environ=None) -> int:
         check_stop(stop)
         run(settings, stop)
     except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
-        return failure_exit(log, exc, PLACES)
+        return failure_exit(log, exc, PLACES, PROGRAM)
     log.info("done", extra={"event": "done", "exit_code": EXIT_OK})
     return EXIT_OK
 
