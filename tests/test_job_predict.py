@@ -18,11 +18,12 @@ CHUNK_ROWS = 4  # 32 rows: 8 chunks, 4 per shard of two
 
 @pytest.fixture(scope="module")
 def published(seaweed, tmp_path_factory, tiny_model):
-    """A model published by one job run to S3, scored by the job's evaluation on EVAL; the bucket for predictions."""
+    """A model published by one job run to S3 (and promoted to the channel ``production``), scored by the job's
+    evaluation on EVAL; the bucket for predictions."""
     bucket = "predict-" + tmp_path_factory.mktemp("x").name[-6:].lower().replace("_", "-")
     seaweed.client().create_bucket(Bucket=bucket)
     env = job_env(tmp_path_factory.mktemp("train"), tiny_model, QA_OUTPUT_URI=f"s3://{bucket}/runs", QA_MAX_STEPS="2",
-                  QA_CHECKPOINT_STEPS="0", QA_REPORT_TO="none", **s3_env(seaweed))
+                  QA_CHECKPOINT_STEPS="0", QA_REPORT_TO="none", QA_CHANNEL="production", **s3_env(seaweed))
     result = run_job(env)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(seaweed.client().get_object(Bucket=bucket, Key="runs/test-run/metrics.json")["Body"].read())
@@ -146,7 +147,9 @@ def test_killed_resumes_at_the_first_uncommitted_chunk_stopped_exits_143_and_the
 
 
 def test_two_shards_of_an_indexed_job_cover_every_row_once(published, reference, tmp_path):
-    env = predict_env(published, tmp_path, "sharded", QA_PREDICT_SHARDS="2")
+    # the model a channel names (the same run as the reference's), pinned by the first shard to start
+    env = predict_env(published, tmp_path, "sharded", QA_PREDICT_SHARDS="2", QA_PREDICT_CHANNEL="production",
+                      QA_PREDICT_MODEL=f"s3://{published['bucket']}/runs")
     pods = [RunningJob({**env, "JOB_COMPLETION_INDEX": str(i), "QA_WORK_DIR": str(tmp_path / str(i))}, "job.predict")
             for i in (0, 1)]
     results = [pod.finish() for pod in pods]
@@ -160,6 +163,8 @@ def test_two_shards_of_an_indexed_job_cover_every_row_once(published, reference,
     assert per_shard[0] + per_shard[1] == IDS  # each shard its own rows, together every row once
     assert sum(len(r.event("merged")) for r in results) >= 1
     assert read(published, "sharded/predictions.jsonl") == reference
+    model = json.loads(read(published, "sharded/predict.json"))["model"]
+    assert (model["run_id"], model["uri"]) == ("test-run", f"s3://{published['bucket']}/runs/test-run/model")
 
 
 def test_a_bad_row_is_a_data_error_naming_it_and_nothing_is_written(published, tmp_path):
