@@ -29,41 +29,55 @@ def run(settings: PredictSettings, stop) -> None:
     stop = _Stop(stop) if stop is not None else None  # predictions' own words when a stop ends a lease wait
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     root = _storage(settings.predict_output_uri, settings, policy, check=True)
+    if _already_complete(settings, root):
+        return
+    work = Path(settings.work_dir) / f"predict-{settings.shard_name}"  # this shard's scratch: model, input rows
+    work.mkdir(parents=True, exist_ok=True)
+    with _shard_lease(settings, root, policy, stop, work) as lease:
+        bound = binding.bind(settings, lease.guard(root), work, policy, lambda: check_stop(stop))
+        out = output.ShardOutput(lease.guard(lease.store), bound.split.examples, settings.shard, settings.predict_shards,
+                                 settings.predict_chunk_rows, new_token(lease.token))
+        if not out.is_complete():
+            predict_shard(settings, bound, out, stop)
+        _merge_if_last(settings, root, lease.guard(root), bound, policy, stop)
+
+
+def _already_complete(settings: PredictSettings, root) -> bool:
     record = binding.read(root)
     if record is not None:  # other settings are refused even when the predictions are complete: they are not these
         binding.check_request(settings, record, root.uri)
     if output.is_complete(root):
-        log.info("predictions already complete, nothing to do", extra={"event": "already_complete",
-                                                                        "output": root.uri})
+        log.info("predictions already complete, nothing to do", extra={"event": "already_complete", "output": root.uri})
+        return True
+    return False
+
+
+def _shard_lease(settings: PredictSettings, root, policy: RetryPolicy, stop, work: Path) -> Lease:
+    """One pod per shard: the run lease of ``job.store.lease``, on the shard's folder."""
+    shard = join(settings.predict_output_uri, output.shard_prefix(settings.shard, settings.predict_shards))
+    return Lease(_storage(shard, settings, policy), settings.shard_name, settings.lease_seconds, stop, lock_dir=work,
+                 label=f"shard {settings.shard} of {settings.predict_shards} of {root.uri}",
+                 advice="wait for it to finish (two pods of one shard must not write its chunks)")
+
+
+def _merge_if_last(settings: PredictSettings, root, fenced_root, bound, policy: RetryPolicy, stop) -> None:
+    """Every shard complete: merge them all (and score them); else leave it to the shard that completes last."""
+    done = output.shards_complete(root)
+    if done < settings.predict_shards:
+        log.info("shard done; the last shard to finish merges", extra={
+            "event": "shard_done", "shard": settings.shard, "shards_complete": done, "shards": settings.predict_shards})
         return
-    shard = output.shard_prefix(settings.shard, settings.predict_shards)
-    work = Path(settings.work_dir) / f"predict-{settings.shard_name}"  # this shard's scratch: model, input rows
-    work.mkdir(parents=True, exist_ok=True)
-    lease = Lease(_storage(join(settings.predict_output_uri, shard), settings, policy), settings.shard_name,
-                  settings.lease_seconds, stop, lock_dir=work,
-                  label=f"shard {settings.shard} of {settings.predict_shards} of {root.uri}",
-                  advice="wait for it to finish (two pods of one shard must not write its chunks)")
-    with lease:
-        fenced_root = lease.guard(root)
-        bound = binding.bind(settings, fenced_root, work, policy, lambda: check_stop(stop))
-        total = bound.split.examples
-        out = output.ShardOutput(lease.guard(lease.store), total, settings.shard, settings.predict_shards,
-                                 settings.predict_chunk_rows, new_token(lease.token))
-        if not out.is_complete():
-            predict_shard(settings, bound, out, stop)
-        done = output.shards_complete(root)
-        if done < settings.predict_shards:
-            log.info("shard done; the last shard to finish merges", extra={
-                "event": "shard_done", "shard": settings.shard, "shards_complete": done, "shards": settings.predict_shards})
-            return
-        record = output.merge(fenced_root, lambda i: _storage(join(settings.predict_output_uri, output.shard_prefix(
-            i, settings.predict_shards)), settings, policy), bound.split.rows, total, settings.predict_shards,
-            settings.predict_chunk_rows, bound.decoding.version_2, lambda: check_stop(stop))
-        log.info("predictions merged", extra={"event": "merged", "uri": join(root.uri, output.MERGED),
-                                              **{k: v for k, v in record.items() if k != "metrics"}})
-        if record["metrics"] is not None:
-            log.info("scores of the predictions with gold answers", extra={
-                "event": "scores", **{k: round(v, 3) if isinstance(v, float) else v for k, v in record["metrics"].items()}})
+
+    def open_shard(i: int):
+        return _storage(join(settings.predict_output_uri, output.shard_prefix(i, settings.predict_shards)), settings, policy)
+
+    record = output.merge(fenced_root, open_shard, bound.split.rows, bound.split.examples, settings.predict_shards,
+                          settings.predict_chunk_rows, bound.decoding.version_2, lambda: check_stop(stop))
+    log.info("predictions merged", extra={"event": "merged", "uri": join(root.uri, output.MERGED),
+                                          **{k: v for k, v in record.items() if k != "metrics"}})
+    if record["metrics"] is not None:
+        log.info("scores of the predictions with gold answers", extra={
+            "event": "scores", **{k: round(v, 3) if isinstance(v, float) else v for k, v in record["metrics"].items()}})
 
 
 def predict_shard(settings: PredictSettings, bound, out: output.ShardOutput, stop) -> None:
