@@ -55,14 +55,15 @@ def bind(settings: PredictSettings, root, work: Path, policy: RetryPolicy, stop_
         if record is not None:
             check_request(settings, record, root.uri)
         bound = _resolve(settings, record, work, policy, stop_check)
-        if record is not None:
-            return bound
-        try:
-            root.put_bytes(KEY, json.dumps(bound.record, indent=1).encode(), if_none_match=True)
-            log.info("predictions bound to their model and input", extra={"event": "bound", **_summary(bound.record)})
-            return bound
-        except PreconditionFailed:
-            continue  # another shard wrote it first: follow its record (its model, its input files)
+        if record is None:
+            try:
+                root.put_bytes(KEY, json.dumps(bound.record, indent=1).encode(), if_none_match=True)
+            except PreconditionFailed:
+                continue  # another shard wrote it first: follow its record (its model, its input files)
+        log.info("predictions bound to their model and input", extra={
+            "event": "bound", "pinned_by": "an earlier attempt" if record is not None else "this attempt",
+            **_summary(bound.record)})
+        return bound
     raise ConfigError(f"{root.uri}/{KEY}: changed while this shard read it; rerun")
 
 
