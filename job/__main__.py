@@ -1,14 +1,12 @@
 """Container entrypoint: ``python -m job``. Settings from ``QA_*`` variables; the exit code says how it ended."""
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import sys
-import traceback
 
-from job.errors import EXIT_CONFIG, EXIT_OK, EXIT_UNAVAILABLE, EXIT_UNEXPECTED, JobError
-from job.observe.console import print_error
+from job.errors import EXIT_OK
+from job.observe.console import failure_exit, print_error
 from job.runtime.preemption import StopRequest, exit_now
 
 
@@ -47,52 +45,10 @@ def _run(environ, stop: StopRequest) -> int:
         from job.pipeline import Ranks, run
 
         run(settings, Ranks.from_env(environ), stop)
-    except JobError as exc:
-        return _fail(log, exc.exit_code, str(exc), type(exc).__name__)
-    except OSError as exc:
-        code, message = _os_error(exc)
-        if code is not None:
-            return _fail(log, code, message, type(exc).__name__)
-        return _unexpected(log, exc)
     except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
-        if _disk_full(exc):  # a full disk reported by a native library (safetensors, arrow) as its own error
-            return _fail(log, EXIT_UNAVAILABLE, f"no space left on the local disk ({type(exc).__name__}): "
-                         "free space or give QA_WORK_DIR more, then rerun", type(exc).__name__)
-        return _unexpected(log, exc)
+        return failure_exit(log, exc)
     log.info("done", extra={"event": "done", "exit_code": EXIT_OK})
     return EXIT_OK
-
-
-def _os_error(exc: OSError) -> tuple[int | None, str]:
-    """Local disk problems are not bugs: a full disk may pass on rerun (75), a read-only or forbidden path will not (2)."""
-    where = f" ({exc.filename})" if exc.filename else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return EXIT_UNAVAILABLE, f"no space left on the local disk{where}: free space or give QA_WORK_DIR more, then rerun"
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return EXIT_CONFIG, f"cannot write{where}: {exc.strerror}; check QA_WORK_DIR / QA_OUTPUT_URI permissions"
-    return None, ""
-
-
-def _disk_full(exc: BaseException) -> bool:
-    while exc is not None:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _unexpected(log, exc: BaseException) -> int:
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    log.error("unexpected error", extra={"event": "failed", "exit_code": EXIT_UNEXPECTED,
-                                         "error": f"{type(exc).__name__}: {first}", "traceback": traceback.format_exc()})
-    print_error(f"unexpected error: {type(exc).__name__}: {first}", EXIT_UNEXPECTED)
-    return EXIT_UNEXPECTED
-
-
-def _fail(log, code: int, message: str, kind: str) -> int:
-    log.error(message, extra={"event": "failed", "exit_code": code, "error_type": kind})
-    print_error(message, code)
-    return code
 
 
 if __name__ == "__main__":

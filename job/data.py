@@ -62,11 +62,13 @@ def load_splits(settings: Settings, policy: RetryPolicy, pinned: dict | None = N
     return load_split("train", settings, policy, pinned), load_split("eval", settings, policy, pinned)
 
 
-def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict | None = None) -> Split:
+def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict | None = None,
+               answers_optional: bool = False) -> Split:
     """The ``train`` or ``eval`` split as the settings name it: a file, a folder / prefix, or the hub.
 
     ``QA_MAX_*_SAMPLES`` keeps the first rows in reading order (files in key order, rows in file
-    order); every row is checked all the same.
+    order); every row is checked all the same. ``answers_optional``: questions to predict, whose
+    rows may come without gold answers (``job.formats.validated``).
     """
     uri = settings.train_uri if name == "train" else settings.eval_uri
     hub_split = settings.train_split if name == "train" else settings.eval_split
@@ -76,7 +78,7 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
                           f"and QA_TRAIN_URI={uri or '(unset)'} is not one")
     files, pin = (), None
     work = Path(settings.work_dir) / settings.run_id
-    rows = _SplitRows(work / "rows" / f"{name}.arrow", settings.squad_v2)
+    rows = _SplitRows(work / "rows" / f"{name}.arrow", settings.squad_v2, answers_optional)
     try:
         if uri and is_prefix(uri):
             with _downloads(work / "data" / name) as private:
@@ -237,8 +239,8 @@ def fetch(uri: str, dest_dir: Path, settings: Settings, policy: RetryPolicy) -> 
 class _SplitRows:
     """A split's rows on their way to its Arrow file: checked, hashed for the duplicate test, written."""
 
-    def __init__(self, path: Path, squad_v2: bool):
-        self.writer, self.squad_v2 = RowWriter(path, temp_path(path)), squad_v2
+    def __init__(self, path: Path, squad_v2: bool, answers_optional: bool = False):
+        self.writer, self.squad_v2, self.answers_optional = RowWriter(path, temp_path(path)), squad_v2, answers_optional
         self.hashes = array("q")  # hash(id) of every row: 8 bytes a row, sorted once at the end
         self.sources: list[tuple[int, str]] = []  # (first row, file) for naming a duplicate's files
         self.fingerprint, self.fingerprint_rows = None, None  # the hub's digest, over the rows kept
@@ -246,7 +248,7 @@ class _SplitRows:
 
     def add(self, raw: Iterable[dict], source: str) -> None:
         self.sources.append((len(self.hashes), source))
-        for row in validated(raw, source, self.squad_v2):
+        for row in validated(raw, source, self.squad_v2, self.answers_optional):
             if self.fingerprint is not None and (self.fingerprint_rows is None or len(self.hashes) < self.fingerprint_rows):
                 self.fingerprint.update(json.dumps(row, sort_keys=True).encode())
             self.hashes.append(hash(row["id"]))

@@ -151,13 +151,17 @@ def _encodable(value: str) -> bool:
         return False
 
 
-def validated(rows: Iterable[dict], source: str, squad_v2: bool) -> Iterator[dict]:
+def validated(rows: Iterable[dict], source: str, squad_v2: bool, answers_optional: bool = False) -> Iterator[dict]:
     """Each row checked and in the job's layout; the first bad one raises a DataError naming ``source`` and the row.
 
     Without ``QA_SQUAD_V2`` every row, training and evaluation alike, needs an answer: v1.1
     scoring has no rule for a question without one, and finding that out after training would
     cost the whole run. Those rows are counted over the whole file and reported once, at its end.
     Repeated ids are the caller's to find (across files: ``job.data``).
+
+    ``answers_optional`` (questions to predict, ``job.predict``): a row without ``answers`` (absent
+    or null), or under v1.1 with none, has no gold answer and gets ``answers: None``; answers that
+    are there are checked as above.
     """
     unanswerable, count = [], 0
     for index, row in enumerate(rows):
@@ -166,6 +170,9 @@ def validated(rows: Iterable[dict], source: str, squad_v2: bool) -> Iterator[dic
         _text(rid, where, "id")
         context, question = _text(row.get("context"), where, "context"), _text(row.get("question"), where, "question")
         answers = row.get("answers")
+        if answers_optional and (answers is None or not squad_v2 and _no_answer_lists(answers)):
+            yield {"id": rid, "title": _title(row, where), "context": context, "question": question, "answers": None}
+            continue
         if not isinstance(answers, dict) or not isinstance(answers.get("text"), list) or not isinstance(answers.get("answer_start"), list):
             raise DataError(f"{where}: missing field 'answers' ({{'text': [...], 'answer_start': [...]}})")
         texts, starts = answers["text"], [_start(s) for s in answers["answer_start"]]
@@ -183,12 +190,21 @@ def validated(rows: Iterable[dict], source: str, squad_v2: bool) -> Iterator[dic
             count += 1
             if len(unanswerable) < 5:
                 unanswerable.append(rid)
-        title = str(row.get("title") or "")
-        if not _encodable(title):  # unused by training, but the Arrow file must be able to hold it
-            raise DataError(f"{where}: field 'title' {_SURROGATE}")
-        yield {"id": rid, "title": title, "context": context, "question": question,
+        yield {"id": rid, "title": _title(row, where), "context": context, "question": question,
                "answers": {"text": list(texts), "answer_start": starts}}
     if count:
         shown = ", ".join(repr(str(r)[:60]) for r in unanswerable) + (f" and {count - 5} more" if count > 5 else "")
         raise DataError(f"{source}: {count} row(s) without an answer ({shown}); "
                         "set QA_SQUAD_V2=true for data with unanswerable questions")
+
+
+def _title(row: dict, where: str) -> str:
+    title = str(row.get("title") or "")
+    if not _encodable(title):  # unused by training, but the Arrow file must be able to hold it
+        raise DataError(f"{where}: field 'title' {_SURROGATE}")
+    return title
+
+
+def _no_answer_lists(answers) -> bool:
+    """``{"text": [], "answer_start": []}``: how every format writes a question without an answer."""
+    return isinstance(answers, dict) and answers.get("text") == [] and answers.get("answer_start") in ([], None)

@@ -1,7 +1,8 @@
 """Every setting of the job, read once from ``QA_*`` environment variables and validated at start.
 
 ``load_settings`` is the only place in the package that reads the environment for ``QA_``
-variables; the frozen ``Settings`` it returns is passed down to every stage. Credentials are not
+variables (``python -m job.predict`` reads its own through the same ``load_environment``); the
+frozen ``Settings`` it returns is passed down to every stage. Credentials are not
 settings: boto3 finds them in its own chain (``AWS_*`` variables, mounted files, IRSA), so nothing
 here can print a secret.
 """
@@ -305,12 +306,24 @@ def known_variables() -> set[str]:
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
     """Build the settings from an environment mapping; raise one ConfigError listing every problem."""
+    return load_environment(Settings, environ, known_variables(), _cross_checks)
+
+
+def load_environment(cls, environ: Mapping[str, str], known: set[str], cross_checks, unknown_hint=lambda name: None):
+    """``cls`` (a settings class whose field ``x`` is ``QA_X``) from an environment mapping, or one ConfigError.
+
+    Every problem is collected before raising: ``QA_`` names not in ``known`` (with the closest
+    known name, or ``unknown_hint(name)``'s words), values ``cls`` refuses, and what
+    ``cross_checks(settings)`` finds. Kubernetes' Service link variables are not settings.
+    ``job.settings`` and ``python -m job.predict``'s settings are both read this way.
+    """
     problems: list[str] = []
-    known = known_variables()
     for name in sorted(environ):
         if name.upper().startswith(ENV_PREFIX) and name.upper() not in known and not _SERVICE_LINK.search(name.upper()):
-            guess = difflib.get_close_matches(name.upper(), known, n=1)
-            hint = f" (did you mean {guess[0]}?)" if guess else ""
+            hint = unknown_hint(name.upper())
+            if hint is None:
+                guess = difflib.get_close_matches(name.upper(), known, n=1)
+                hint = f" (did you mean {guess[0]}?)" if guess else ""
             problems.append(f"{name}: unknown setting{hint}")
     values = {
         k[len(ENV_PREFIX):].lower(): v
@@ -320,7 +333,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     settings = None
     try:
         # init kwargs, not the environment, so tests and callers can pass any mapping
-        settings = Settings(**{k: _blank_to_none(k, v) for k, v in values.items()})
+        settings = cls(**{k: _blank_to_none(cls, k, v) for k, v in values.items()})
     except ValidationError as exc:
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
@@ -329,15 +342,15 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             shown = f" (got {redact(raw)!r})" if raw is not None and len(str(raw)) < 80 else ""
             problems.append(f"{env_name(field)}: {_message(err)}{shown}")
     if settings is not None:
-        problems.extend(_cross_checks(settings))
+        problems.extend(cross_checks(settings))
     if problems:
         raise ConfigError("invalid settings: " + "; ".join(problems))
     return settings
 
 
-def _blank_to_none(field: str, value: str):
+def _blank_to_none(cls, field: str, value: str):
     # An empty variable in a manifest means "unset" for optional fields.
-    if value == "" and Settings.model_fields[field].default is None:
+    if value == "" and cls.model_fields[field].default is None:
         return None
     return value
 

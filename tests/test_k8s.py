@@ -11,6 +11,7 @@ import copy
 import pytest
 
 from job import errors, settings
+from job.predictions import settings as predict_settings
 from tests.support.k8s_checks import (
     CHECKS,
     K8S,
@@ -21,6 +22,7 @@ from tests.support.k8s_checks import (
     check_cronjobs,
     check_grace,
     check_images_pinned,
+    check_indexed_jobs,
     check_kinds,
     check_pod_failure_policy,
     check_pytorchjobs,
@@ -76,7 +78,7 @@ def test_manifests_pass(rendered, kustomization, check):
 
 def test_qa_names_in_k8s_sources_are_settings():
     # comments and the README included: a renamed setting must not linger anywhere
-    known = settings.known_variables()
+    known = settings.known_variables() | predict_settings.known_variables()
     found = {
         (path.relative_to(ROOT).as_posix(), name)
         for path in K8S.rglob("*") if path.is_file()
@@ -267,6 +269,30 @@ def _elastic_world_size(docs):
     _main(docs, "PyTorchJob")[0]["spec"]["elasticPolicy"]["maxReplicas"] = 4
 
 
+def _shards_not_completions(docs):
+    _configmap(docs)["QA_PREDICT_SHARDS"] = "2"
+
+
+def _not_indexed(docs):
+    _main(docs, "Job")[0]["spec"]["completionMode"] = "NonIndexed"
+
+
+def _one_failed_shard_tolerated(docs):
+    _main(docs, "Job")[0]["spec"]["maxFailedIndexes"] = 1
+
+
+def _training_setting_for_predictions(docs):
+    _configmap(docs)["QA_EPOCHS"] = "2"
+
+
+def _cuda_without_a_gpu(docs):
+    _configmap(docs)["QA_DEVICE"] = "cuda"
+
+
+def _predict_grace_too_short(docs):
+    _main(docs, "Job")[1]["spec"]["terminationGracePeriodSeconds"] = 60
+
+
 BREAKAGES = [
     (check_kinds, "base", _add_kind, "kind not covered"),
     (check_qa_variables, "base", _unknown_setting_in_configmap, "QA_EPOCH: not a setting"),
@@ -296,6 +322,13 @@ BREAKAGES = [
     (check_pytorchjobs, "overlays/multi-node", _pytorchjob_pod_field_typo, "imagePullPolicyy: unknown field"),
     (check_pytorchjobs, "overlays/multi-node", _pytorchjob_wrong_type, "minReplicas: '2' reads as 2"),
     (check_pytorchjobs, "overlays/multi-node", _elastic_world_size, "minReplicas, maxReplicas and Worker replicas differ"),
+    (check_indexed_jobs, "predict", _shards_not_completions, "completions 4 but QA_PREDICT_SHARDS 2"),
+    (check_indexed_jobs, "predict", _not_indexed, "completionMode 'NonIndexed', want Indexed"),
+    (check_indexed_jobs, "predict", _one_failed_shard_tolerated, "maxFailedIndexes 0"),
+    (check_qa_variables, "predict", _training_setting_for_predictions, "QA_EPOCHS: not a setting"),
+    (check_settings_load, "predict", _training_setting_for_predictions, "a setting of the training job"),
+    (check_resources, "predict", _cuda_without_a_gpu, "QA_DEVICE=cuda on a pod without an nvidia.com/gpu limit"),
+    (check_grace, "predict", _predict_grace_too_short, "terminationGracePeriodSeconds 60 <= QA_STOP_GRACE_SECONDS 60"),
 ]
 
 

@@ -29,14 +29,15 @@ LAYERS = [
     ["job.channels"],
     ["job.distill"],
     ["job.pipeline", "job.answer", "job.channel"],
-    ["job.__main__"],
+    ["job.predictions"],
+    ["job.__main__", "job.predict"],
     ["job.demo"],
 ]
 # Pure layers: they import nothing of the job's but each other (and the exception types).
 PURE = ("job.errors", "job.safe_json", "job.serving", "job.squad.", "job.channels.gate", "job.store.locations",
-        "job.store.fingerprint", "job.observe.redaction")
+        "job.store.fingerprint", "job.observe.redaction", "job.predictions.chunks")
 # What a user types, and the class the README names: they must stay where they are documented.
-ENTRY_POINTS = ("job.__main__", "job.answer", "job.channel", "job.launch", "job.demo")
+ENTRY_POINTS = ("job.__main__", "job.answer", "job.channel", "job.launch", "job.demo", "job.predict")
 
 
 def module_name(path: Path) -> str:
@@ -165,7 +166,8 @@ def _readme_layout() -> dict[str, set[str]]:
     return table
 
 
-@pytest.mark.parametrize("folder", ["job/", "job/squad/", "job/runtime/", "job/store/", "job/channels/", "job/observe/"])
+@pytest.mark.parametrize("folder", ["job/", "job/squad/", "job/runtime/", "job/store/", "job/channels/", "job/observe/",
+                                    "job/predictions/"])
 def test_readme_layout_table_lists_exactly_the_modules_of_each_folder(folder):
     table = _readme_layout()
     on_disk = {p.stem for p in (ROOT / folder).glob("*.py") if p.stem != "__init__"}

@@ -109,7 +109,20 @@ _RENDER = {
     "demo_next": lambda f: f"look at the curves in {f.get('curves')}, the model card in {f.get('model_card')}, "
                            f"or run: {f.get('tensorboard')}",
     "done": lambda f: "done",
-    "already_complete": lambda f: f"run {f.get('run_id')} is already complete; nothing to do",
+    "already_complete": lambda f: (f"run {f.get('run_id')} is already complete; nothing to do" if f.get("run_id")
+                                   else f"{f.get('output')} is already complete; nothing to do"),
+    # python -m job.predict
+    "predict_start": lambda f: f"shard {f.get('shard')} of {f.get('shards')} starting; predictions go to "
+                               f"{(f.get('settings') or {}).get('predict_output_uri')}",
+    "bound": lambda f: f"{f.get('rows')} questions from {f.get('input')}, model {f.get('model')}",
+    "plan": lambda f: f"shard {f.get('shard')}: {f.get('rows')} rows in {f.get('chunks')} chunks, {f.get('committed')} "
+                      f"committed" + (f", predicting from chunk {f['resume_from']}" if f.get("resume_from") is not None else ""),
+    "scorer": lambda f: f"model loaded: {f.get('runtime')} runtime on {f.get('device')}",
+    "chunk_committed": lambda f: f"chunk {f.get('chunk')} of {f.get('of')} committed ({f.get('rows')} rows, "
+                                 f"{f.get('windows')} windows, {_num(f.get('windows_per_second'))} windows/s)",
+    "shard_done": lambda f: f"shard {f.get('shard')} done; {f.get('shards_complete')} of {f.get('shards')} shards complete",
+    "merged": lambda f: f"{f.get('rows')} predictions merged into {f.get('uri')}",
+    "scores": lambda f: f"EM {_num(f.get('exact_match'))} · F1 {_num(f.get('f1'))} on {f.get('total')} questions with answers",
 }
 
 

@@ -58,19 +58,37 @@ def _scored(rows, predictions: dict[str, str], version_2: bool):
 
 def squad_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict:
     """Official scores for ``rows`` (SQuAD rows with ``answers``) and ``{id: text}`` predictions."""
-    em_total = f1_total = 0.0
-    counted = 0
-    buckets = {"HasAns": [0.0, 0.0, 0], "NoAns": [0.0, 0.0, 0]}
-    for _, em, f, has_answer in _scored(rows, predictions, version_2):
-        em_total, f1_total, counted = em_total + em, f1_total + f, counted + 1
-        if version_2:
-            b = buckets["HasAns" if has_answer else "NoAns"]
-            b[0], b[1], b[2] = b[0] + em, b[1] + f, b[2] + 1
-    scores = {"exact_match": 100.0 * em_total / max(counted, 1), "f1": 100.0 * f1_total / max(counted, 1), "total": counted}
-    if version_2:
-        for name, (e, f, n) in buckets.items():
-            scores.update({f"{name}_exact": 100.0 * e / n if n else 0.0, f"{name}_f1": 100.0 * f / n if n else 0.0, f"{name}_total": n})
-    return scores
+    totals = ScoreTotals(version_2)
+    totals.add(rows, predictions)
+    return totals.scores()
+
+
+class ScoreTotals:
+    """``squad_scores`` a part at a time: rows and their predictions added in order give the very same numbers
+    (the same sums in the same order) without every prediction held at once (``job.predict``'s merge)."""
+
+    def __init__(self, version_2: bool = False):
+        self.version_2 = version_2
+        self.em_total = self.f1_total = 0.0
+        self.counted = 0
+        self.buckets = {"HasAns": [0.0, 0.0, 0], "NoAns": [0.0, 0.0, 0]}
+
+    def add(self, rows, predictions: dict[str, str]) -> None:
+        for _, em, f, has_answer in _scored(rows, predictions, self.version_2):
+            self.em_total, self.f1_total, self.counted = self.em_total + em, self.f1_total + f, self.counted + 1
+            if self.version_2:
+                b = self.buckets["HasAns" if has_answer else "NoAns"]
+                b[0], b[1], b[2] = b[0] + em, b[1] + f, b[2] + 1
+
+    def scores(self) -> dict:
+        counted = self.counted
+        scores = {"exact_match": 100.0 * self.em_total / max(counted, 1), "f1": 100.0 * self.f1_total / max(counted, 1),
+                  "total": counted}
+        if self.version_2:
+            for name, (e, f, n) in self.buckets.items():
+                scores.update({f"{name}_exact": 100.0 * e / n if n else 0.0, f"{name}_f1": 100.0 * f / n if n else 0.0,
+                               f"{name}_total": n})
+        return scores
 
 
 def per_example_scores(rows, predictions: dict[str, str], version_2: bool = False) -> dict[str, dict[str, float]]:

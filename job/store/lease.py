@@ -51,8 +51,11 @@ class LeaseLost(RunLocked):
 
 
 class Lease:
-    def __init__(self, store: Storage, run_id: str, ttl_seconds: float, stop=None, lock_dir: Path | None = None):
+    def __init__(self, store: Storage, run_id: str, ttl_seconds: float, stop=None, lock_dir: Path | None = None,
+                 label: str | None = None, advice: str = "wait for it to finish, or use another run id"):
         self.store, self.run_id, self.ttl, self.stop = store, run_id, ttl_seconds, stop
+        # what the messages call the leased thing, and what to do when another process holds it
+        self.label, self.advice = label or f"QA_RUN_ID={run_id}", advice
         self.token = uuid.uuid4().hex
         self.etag: str | None = None
         self.lost = threading.Event()
@@ -91,8 +94,8 @@ class Lease:
             if not self._holder_gone(current, etag):
                 self._release_local_lock()
                 raise RunLocked(
-                    f"QA_RUN_ID={self.run_id} is already running on {str(current.get('host'))[:64]} "
-                    "(its lease is being renewed); wait for it to finish, or use another run id")
+                    f"{self.label} is already running on {str(current.get('host'))[:64]} "
+                    f"(its lease is being renewed); {self.advice}")
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_match=etag)
                 log.warning("took over a stale lease", extra={"event": "lease_takeover", "previous_host": str(current.get("host"))[:64]})
@@ -101,7 +104,7 @@ class Lease:
                 continue  # someone else renewed or took it over meanwhile: look again
         else:
             self._release_local_lock()
-            raise RunLocked(f"QA_RUN_ID={self.run_id}: could not take the run lease")
+            raise RunLocked(f"{self.label}: could not take the run lease")
         self._renewed_at = time.monotonic()
         log.info("lease taken", extra={"event": "lease", "ttl_seconds": self.ttl})
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
@@ -117,8 +120,8 @@ class Lease:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise RunLocked(f"QA_RUN_ID={self.run_id} is already running in this work dir ({self._lock_dir}); "
-                            "wait for it to finish, or use another run id") from None
+            raise RunLocked(f"{self.label} is already running in this work dir ({self._lock_dir}); "
+                            f"{self.advice}") from None
         f.seek(0)
         self._previous_lock_id = f.read().strip()  # the id a dead holder of this work dir left behind
         f.seek(0)
@@ -184,7 +187,7 @@ class Lease:
         """Compare-and-swap our lease forward; LeaseLost when it is not ours any more, storage errors propagate."""
         with self._renew_lock:
             if self.lost.is_set():
-                raise LeaseLost(f"QA_RUN_ID={self.run_id}: this process lost the run lease; it writes nothing more")
+                raise LeaseLost(f"{self.label}: this process lost the run lease; it writes nothing more")
             sent_at = time.monotonic()
             try:
                 self.etag = self.store.put_bytes(KEY, self._body(), if_match=self.etag)
@@ -196,7 +199,7 @@ class Lease:
             except StorageDenied as exc:  # e.g. an expired token: we cannot prove we hold it any more
                 self._lose(f"storage refused the lease renewal ({exc})")
             if self.lost.is_set():
-                raise LeaseLost(f"QA_RUN_ID={self.run_id}: another process holds the run lease; this one writes nothing more")
+                raise LeaseLost(f"{self.label}: another process holds the run lease; this one writes nothing more")
 
     def _adopt_own_write(self, sent_at: float) -> None:
         # A write that landed but whose reply was lost (a reset, a timeout) is retried by the storage
@@ -235,7 +238,7 @@ class Lease:
             raw = b""
         if _parse(raw).get("holder") != self.token:
             self._lose("the lease in storage names another holder")
-            raise LeaseLost(f"QA_RUN_ID={self.run_id}: another process holds the run lease; this one writes nothing more")
+            raise LeaseLost(f"{self.label}: another process holds the run lease; this one writes nothing more")
 
     def guard(self, store: Storage) -> "FencedStorage":
         return FencedStorage(store, self)

@@ -24,10 +24,11 @@ import pytest
 import yaml
 
 from job import errors, settings
+from job.predictions import settings as predict_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/nightly", "overlays/multi-gpu", "overlays/multi-node")
+KUSTOMIZATIONS = ("base", "overlays/nightly", "overlays/multi-gpu", "overlays/multi-node", "predict")
 
 # The Kubernetes versions the manifests are claimed to work with (k8s/README.md quotes these).
 OLDEST_KUBERNETES = "1.30"
@@ -40,6 +41,8 @@ KNOWN_KINDS = {"ServiceAccount", "ConfigMap", "Job", "CronJob", "PyTorchJob"}
 
 IMAGE_UID = 10001
 MAIN_CONTAINER = "pytorch"  # the name the Kubeflow training operator requires
+PREDICT_CONTAINER = "predict"  # python -m job.predict, in an Indexed Job (k8s/predict)
+PREDICT_COMMAND = ["python", "-m", "job.predict"]
 RUN_ID_LABELS = {
     "Job": {"batch.kubernetes.io/job-name", "job-name"},
     "CronJob": {"batch.kubernetes.io/job-name", "job-name"},
@@ -139,10 +142,27 @@ def containers(template: dict) -> list[dict]:
 
 
 def main_container(template: dict) -> dict:
-    found = [c for c in template["spec"]["containers"] if c["name"] == MAIN_CONTAINER]
+    found = [c for c in template["spec"]["containers"] if c["name"] in (MAIN_CONTAINER, PREDICT_CONTAINER)]
     if len(found) != 1:
-        raise LookupError(f"no single container named {MAIN_CONTAINER!r}")
+        raise LookupError(f"no single container named {MAIN_CONTAINER!r} (or {PREDICT_CONTAINER!r} for job.predict)")
     return found[0]
+
+
+def is_predict(template: dict) -> bool:
+    """A pod of ``python -m job.predict``: its own settings, no run id, sharded by an Indexed Job."""
+    try:
+        c = main_container(template)
+    except LookupError:
+        return False
+    return c["name"] == PREDICT_CONTAINER or c.get("command", []) + c.get("args", []) == PREDICT_COMMAND
+
+
+def known_names(docs: list[dict]) -> set[str]:
+    """The QA_ variables the rendered workloads' commands take."""
+    known = set()
+    for _, template in workloads(docs):
+        known |= predict_settings.known_variables() if is_predict(template) else settings.known_variables()
+    return known or settings.known_variables()
 
 
 def workloads(docs: list[dict]):
@@ -177,9 +197,11 @@ def container_env(docs: list[dict], container: dict) -> dict[str, str]:
     return env
 
 
-def resolved_settings(docs: list[dict], doc: dict, template: dict) -> settings.Settings:
+def resolved_settings(docs: list[dict], doc: dict, template: dict):
     env = container_env(docs, main_container(template))
     qa = {k: v for k, v in env.items() if k.startswith(settings.ENV_PREFIX)}
+    if is_predict(template):
+        return predict_settings.load_predict_settings({**qa, predict_settings.SHARD_INDEX: "0"})  # as Kubernetes sets it
     qa["QA_RUN_ID"] = example_run_id(doc)
     return settings.load_settings(qa)
 
@@ -275,8 +297,8 @@ def check_kinds(docs: list[dict]) -> list[str]:
 
 
 def check_qa_variables(docs: list[dict]) -> list[str]:
-    """Every QA_ name in the manifests (ConfigMap keys, env names, anywhere else) is a setting."""
-    known = settings.known_variables()
+    """Every QA_ name in the manifests (ConfigMap keys, env names, anywhere else) is a setting of the command run."""
+    known = known_names(docs)
     names = set()
     for doc in docs:
         if doc["kind"] == "ConfigMap":
@@ -286,7 +308,7 @@ def check_qa_variables(docs: list[dict]) -> list[str]:
                 names |= {v["name"] for v in c.get("env", []) if v["name"].upper().startswith(settings.ENV_PREFIX)}
                 names |= {s.get("prefix", "") for s in c.get("envFrom", []) if s.get("prefix", "").upper().startswith(settings.ENV_PREFIX)}
     names |= set(QA_NAME.findall(yaml.safe_dump_all(docs)))
-    return [f"{n}: not a setting of job.settings (known_variables())" for n in sorted(names - known)]
+    return [f"{n}: not a setting of the command the pods run (known_variables())" for n in sorted(names - known)]
 
 
 def check_service_links(docs: list[dict]) -> list[str]:
@@ -325,6 +347,7 @@ def check_pod_failure_policy(docs: list[dict]) -> list[str]:
                 problems.append(f"{where(doc)}: no podFailurePolicy")
                 continue
             names = {c["name"] for c in spec["template"]["spec"]["containers"]}
+            main = PREDICT_CONTAINER if is_predict(spec["template"]) else MAIN_CONTAINER
             got: dict[str, set[int]] = {}
             disruption_ignored = False
             for rule in rules:
@@ -332,7 +355,7 @@ def check_pod_failure_policy(docs: list[dict]) -> list[str]:
                 if codes:
                     if codes.get("operator") != "In":
                         problems.append(f"{where(doc)}: onExitCodes operator {codes.get('operator')!r}, want In")
-                    if codes.get("containerName", MAIN_CONTAINER) not in names:
+                    if codes.get("containerName", main) not in names:
                         problems.append(f"{where(doc)}: rule names container {codes['containerName']!r}, which is not in the pod")
                     got.setdefault(rule["action"], set()).update(codes.get("values", []))
                 for cond in rule.get("onPodConditions", []):
@@ -454,9 +477,11 @@ def check_grace(docs: list[dict]) -> list[str]:
 
 
 def check_run_id(docs: list[dict]) -> list[str]:
-    """QA_RUN_ID is the name of the Job running the pod (downward API), never a fixed value."""
+    """QA_RUN_ID is the name of the Job running the pod (downward API), never a fixed value (training pods)."""
     problems = []
     for doc, template in workloads(docs):
+        if is_predict(template):
+            continue  # predictions are known by their output, and QA_RUN_ID is not a setting of theirs
         try:
             c = main_container(template)
         except LookupError as exc:
@@ -527,7 +552,7 @@ def check_resources(docs: list[dict]) -> list[str]:
         if res.get("requests", {}).get("memory") != res.get("limits", {}).get("memory"):
             problems.append(f"{w}: memory request != limit (the job would be the first to be evicted)")
         gpus = int(res.get("limits", {}).get("nvidia.com/gpu", 0))
-        if gpus < 1:
+        if gpus < 1 and not is_predict(template):  # predictions may run on CPU nodes (ONNX Runtime, or torch)
             problems.append(f"{w}: no nvidia.com/gpu limit")
         try:
             device = resolved_settings(docs, doc, template).device
@@ -536,6 +561,8 @@ def check_resources(docs: list[dict]) -> list[str]:
         if gpus and device not in (None, "cuda"):
             problems.append(f"{w}: QA_DEVICE={device} on a GPU pod (cuda: a pod that cannot use its GPU stops, "
                             "instead of training on the CPU)")
+        if not gpus and device == "cuda":
+            problems.append(f"{w}: QA_DEVICE=cuda on a pod without an nvidia.com/gpu limit (it would always exit 2)")
         nproc = torchrun_nproc(c)
         if (gpus > 1 or nproc is not None) and nproc != gpus:
             problems.append(f"{w}: {gpus} GPUs but torchrun --nproc_per_node={nproc}")
@@ -634,8 +661,32 @@ def check_pytorchjobs(docs: list[dict]) -> list[str]:
     return problems
 
 
+def check_indexed_jobs(docs: list[dict]) -> list[str]:
+    """job.predict's Job is Indexed, one completion per shard (QA_PREDICT_SHARDS), each index retried on its
+    own, and fails when any index does: the merge needs every shard."""
+    problems = []
+    for doc in docs:
+        for spec in job_specs(doc):
+            if not is_predict(spec["template"]):
+                continue
+            w = where(doc)
+            try:
+                shards = resolved_settings(docs, doc, spec["template"]).predict_shards
+            except (errors.ConfigError, LookupError):
+                shards = None  # check_settings_load reports it
+            if spec.get("completionMode") != "Indexed":
+                problems.append(f"{w}: completionMode {spec.get('completionMode')!r}, want Indexed (JOB_COMPLETION_INDEX)")
+            if shards is not None and spec.get("completions") != shards:
+                problems.append(f"{w}: completions {spec.get('completions')} but QA_PREDICT_SHARDS {shards}")
+            if not 1 <= spec.get("parallelism", 1) <= (spec.get("completions") or 1):
+                problems.append(f"{w}: parallelism {spec.get('parallelism')} outside 1..completions")
+            if not isinstance(spec.get("backoffLimitPerIndex"), int) or spec.get("maxFailedIndexes") != 0:
+                problems.append(f"{w}: want backoffLimitPerIndex (each shard retried on its own) and maxFailedIndexes 0")
+    return problems
+
+
 CHECKS = [
     check_kinds, check_qa_variables, check_service_links, check_settings_load, check_pod_failure_policy,
     check_restart_policy, check_cronjobs, check_images_pinned, check_restricted, check_grace,
-    check_run_id, check_writable_paths, check_resources, check_references, check_pytorchjobs,
+    check_run_id, check_writable_paths, check_resources, check_references, check_pytorchjobs, check_indexed_jobs,
 ]

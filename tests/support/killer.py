@@ -1,4 +1,4 @@
-"""Run the job with faults injected at named points: ``python -m tests.support.killer SPEC``.
+"""Run the job with faults injected at named points: ``python -m tests.support.killer SPEC [MODULE]``.
 
 SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]``:
   kill:put_file:optimizer.pt@2   SIGKILL on the 2nd upload whose key contains "optimizer.pt"
@@ -21,6 +21,10 @@ and data_fetched (before and after a single data file is fetched); and the promo
 promote (entered after COMPLETE), pointer_read (after a channel pointer is read), decided (after
 promotion.json is written, before the pointer moves), pointer_write (after the pointer moved,
 before its history entry). The job itself is unmodified: only these functions are wrapped.
+
+With MODULE ``job.predict`` the batch predictions run instead, with the storage and lease hooks
+and two of their own: chunk_written (a chunk's lines are in storage, its marker is not) and
+chunk_committed (after its marker); the training hooks are not installed (nor their imports paid).
 """
 from __future__ import annotations
 
@@ -55,21 +59,9 @@ def parse(spec: str):
     return actions
 
 
-def install(actions) -> None:
-    from transformers import Trainer
-
-    import job.channels.channel
-    import job.channels.promotion
-    import job.data
-    import job.distill
-    import job.evaluate
-    import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
-    import job.preprocess
-    import job.publish
-    import job.store.checkpoints
+def install(actions, module: str = "job") -> None:
     import job.store.lease
     import job.store.storage
-    import job.train
 
     lock = threading.Lock()
     fired = threading.Condition(lock)
@@ -115,12 +107,31 @@ def install(actions) -> None:
 
         setattr(owner, name, wrapper)
 
-    wrap(Trainer, "training_step", "train_step", before=False)
-    wrap(Trainer, "_save_optimizer_and_scheduler", "save_optimizer")
     for cls in (job.store.storage.LocalStorage, job.store.storage.S3Storage):
         for name in ("put_file", "put_bytes", "delete", "get_file"):
             wrap(cls, name, name, keyed=True)
     wrap(job.store.lease.Lease, "acquire", "lease", before=False)
+    if module == "job.predict":
+        import job.predictions.output
+
+        wrap(job.predictions.output.ShardOutput, "put_chunk", "chunk_written", before=False)
+        wrap(job.predictions.output.ShardOutput, "commit_chunk", "chunk_committed", before=False)
+        return
+    from transformers import Trainer
+
+    import job.channels.channel
+    import job.channels.promotion
+    import job.data
+    import job.distill
+    import job.evaluate
+    import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
+    import job.preprocess
+    import job.publish
+    import job.store.checkpoints
+    import job.train
+
+    wrap(Trainer, "training_step", "train_step", before=False)
+    wrap(Trainer, "_save_optimizer_and_scheduler", "save_optimizer")
     wrap(job.store.checkpoints.CheckpointSync, "__call__", "committed", before=False)
     wrap(job.train, "train", "train_end", before=False)  # the pipeline imports both where training starts
     wrap(job.evaluate, "evaluate", "evaluate")
@@ -166,7 +177,11 @@ def meet(parties: int, timeout: float = 120.0) -> None:
 
 
 if __name__ == "__main__":
-    install(parse(sys.argv[1]))
-    from job.__main__ import main
+    entry = sys.argv[2] if len(sys.argv) > 2 else "job"
+    install(parse(sys.argv[1]), entry)
+    if entry == "job.predict":
+        from job.predict import main
+    else:
+        from job.__main__ import main
 
     sys.exit(main())
