@@ -12,16 +12,17 @@ that changed exit 3.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from job import safe_json
 from job.answer import channel_model
 from job.data import Split, load_split
 from job.errors import ConfigError, DataError
+from job.observe.redaction import artifact_json
 from job.predictions.settings import Decoding, PredictSettings, decoding, env_name
 from job.serving import read_serving
 from job.settings import Settings
@@ -57,7 +58,7 @@ def bind(settings: PredictSettings, root, work: Path, policy: RetryPolicy, stop_
         bound = _resolve(settings, record, work, policy, stop_check)
         if record is None:
             try:
-                root.put_bytes(KEY, json.dumps(bound.record, indent=1).encode(), if_none_match=True)
+                root.put_bytes(KEY, artifact_json(bound.record, indent=1), if_none_match=True)
             except PreconditionFailed:
                 continue  # another shard wrote it first: follow its record (its model, its input files)
         log.info("predictions bound to their model and input", extra={
@@ -73,7 +74,7 @@ def read(root) -> dict | None:
     except NotFound:
         return None
     try:
-        record = json.loads(raw)
+        record = safe_json.loads(raw)
         if isinstance(record, dict) and isinstance(record.get("request"), dict) and isinstance(record.get("model"), dict) \
                 and isinstance(record["model"].get("uri"), str) and isinstance(record.get("input"), dict):
             return record

@@ -10,9 +10,11 @@ chunks, then shard 1's, ... gives every row once, in input order.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
+
+from job import safe_json
+from job.observe.redaction import artifact_json
 
 CHUNK_NAME = re.compile(r"chunk-(\d{6})\.json")
 _DATA_NAME = "chunk-{:06d}-{}.jsonl"
@@ -48,7 +50,7 @@ def marker(chunk: int, rows: range, key: str, data: bytes) -> dict:
 def read_marker(raw: bytes, chunk: int, rows: range) -> dict | None:
     """The marker of ``chunk`` if it is exactly what ``marker`` writes for these rows, else None."""
     try:
-        value = json.loads(raw)
+        value = safe_json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return None
     if not isinstance(value, dict) or set(value) != MARKER_FIELDS:
@@ -82,7 +84,7 @@ def prediction(rid: str, answer, text: str, version_2: bool) -> dict:
 
 def lines(predictions: list[dict]) -> bytes:
     """JSON Lines, one prediction per line, in the order given; the same predictions give the same bytes."""
-    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions).encode("utf-8")
+    return b"".join(artifact_json(p, ensure_ascii=False) + b"\n" for p in predictions)
 
 
 def new_token(seed: str) -> str:

@@ -21,12 +21,13 @@ checks every chunk's size and sha256 against its marker before a byte of it reac
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import tempfile
 from pathlib import Path
 
+from job import safe_json
 from job.errors import DataError
+from job.observe.redaction import artifact_json
 from job.predictions.chunks import CHUNK_NAME, chunk_ranges, data_key, marker, marker_key, read_marker, shard_rows
 from job.rows import SCORED, chunk
 from job.squad.metrics import ScoreTotals
@@ -64,7 +65,7 @@ class ShardOutput:
         """Create the chunk's marker; False when another writer's marker was there first (its lines count)."""
         record = marker(index, self.plan[index], key, data)
         try:
-            self.store.put_bytes(marker_key(index), json.dumps(record).encode(), if_none_match=True)
+            self.store.put_bytes(marker_key(index), artifact_json(record), if_none_match=True)
             return True
         except PreconditionFailed:
             raw, _ = self.store.get_bytes(marker_key(index))
@@ -92,7 +93,7 @@ class ShardOutput:
             if key.startswith("chunk-") and key.endswith(".jsonl") and key not in kept:
                 self.store.delete(key)
         rows = sum(len(r) for r in self.plan)
-        self.store.put_bytes(DONE, json.dumps({"chunks": len(self.plan), "rows": rows}).encode())
+        self.store.put_bytes(DONE, artifact_json({"chunks": len(self.plan), "rows": rows}))
 
 
 def committed_markers(store, plan: list[range]) -> dict[int, dict]:
@@ -146,18 +147,18 @@ def merge(root, open_shard, rows, total_rows: int, shards: int, chunk_rows: int,
                     chunks += 1
                     gold = [r for r in chunk(gold_rows, part.start, len(part)) if r["answers"] is not None]
                     if gold:
-                        answers = {line["id"]: line["answer"] for line in map(json.loads, data.splitlines())}
+                        answers = {line["id"]: line["answer"] for line in map(safe_json.loads, data.splitlines())}
                         totals.add(gold, answers)
                         scored += len(gold)
         digest, size = sha256_file(merged), merged.stat().st_size
         root.put_file(merged, MERGED)
     scores = totals.scores() if scored else None
     if scores is not None:
-        root.put_bytes(METRICS, json.dumps({**scores, "rows": total_rows}, indent=1).encode())
+        root.put_bytes(METRICS, artifact_json({**scores, "rows": total_rows}, indent=1))
     record = {"rows": total_rows, "shards": shards, "chunks": chunks, "file": MERGED, "size": size, "sha256": digest,
               "metrics": scores}
     try:
-        root.put_bytes(DONE, json.dumps(record, indent=1).encode(), if_none_match=True)
+        root.put_bytes(DONE, artifact_json(record, indent=1), if_none_match=True)
     except PreconditionFailed:
         pass  # another shard merged the same chunks at the same time: the same bytes
     return record

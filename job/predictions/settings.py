@@ -67,11 +67,12 @@ class PredictSettings(BaseSettings):
     eval_batch_size: PositiveInt = 64
     device: Literal["auto", "cuda", "cpu"] = "auto"
     log_format: Literal["auto", "json", "text"] = "auto"
-    stop_grace_seconds: float = Field(120.0, gt=0)
-    lease_seconds: float = Field(60.0, ge=5)
-    storage_attempts: PositiveInt = 6
-    storage_backoff_seconds: float = Field(1.0, ge=0)
-    storage_timeout_seconds: float = Field(20.0, gt=0)
+    # the job's own fields, bounds included: a bound tightened there holds here too
+    stop_grace_seconds: float = Settings.model_fields["stop_grace_seconds"]
+    lease_seconds: float = Settings.model_fields["lease_seconds"]
+    storage_attempts: int = Settings.model_fields["storage_attempts"]
+    storage_backoff_seconds: float = Settings.model_fields["storage_backoff_seconds"]
+    storage_timeout_seconds: float = Settings.model_fields["storage_timeout_seconds"]
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
