@@ -117,7 +117,9 @@ def test_kill_anywhere_then_resume(point, bucket, tmp_path, tiny_model, referenc
 
 def test_resume_on_the_same_machine_reuses_local_files(bucket, tmp_path, tiny_model, reference):
     env = env_for(bucket, tmp_path, tiny_model, "same-machine")
-    assert run_job(env, module="tests.support.killer", args=(f"{SLOW},kill:train_step@7",)).returncode == -9
+    # under load the uploads may lag the steps: the kill waits for a committed checkpoint, so there is one to resume
+    killer = f"{SLOW},wait:train_step@7=committed,kill:train_step@7"
+    assert run_job(env, module="tests.support.killer", args=(killer,)).returncode == -9
     rerun = run_job(env)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.event("resume") and rerun.event("features")[0]["cache"] == "local"
