@@ -13,7 +13,8 @@ evaluate, stage; data_list (before a data folder or prefix is listed) and data_f
 single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
 pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
 the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
-itself is unmodified: only these functions are wrapped.
+itself is unmodified: only these functions are wrapped. ``python -m tests.support.killer SPEC
+job.channel ARGS...`` runs another of the job's commands (its module and arguments) under the same hooks.
 """
 from __future__ import annotations
 
@@ -121,6 +122,11 @@ def meet(parties: int, timeout: float = 120.0) -> None:
 
 if __name__ == "__main__":
     install(parse(sys.argv[1]))
+    if len(sys.argv) > 2:  # another of the job's commands: killer SPEC job.channel hold --output ...
+        import runpy
+
+        sys.argv = [sys.argv[2], *sys.argv[3:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
     from job.__main__ import main
 
     sys.exit(main())
