@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import sys
 import traceback
 
@@ -36,6 +37,7 @@ def _run(environ, stop: StopRequest) -> int:
     rank = int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None
     setup_logging(rank=rank)
     log = logging.getLogger("job")
+    settings = None
     try:
         from job.settings import load_settings
 
@@ -55,7 +57,8 @@ def _run(environ, stop: StopRequest) -> int:
             return _fail(log, code, message, type(exc).__name__)
         return _unexpected(log, exc)
     except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
-        if _disk_full(exc):  # a full disk reported by a native library (safetensors, arrow) as its own error
+        # a full disk reported by a native library (safetensors, arrow, torch.save) as its own error
+        if _disk_full(exc, settings.work_dir if settings is not None else None):
             return _fail(log, EXIT_UNAVAILABLE, f"no space left on the local disk ({type(exc).__name__}): "
                          "free space or give QA_WORK_DIR more, then rerun", type(exc).__name__)
         return _unexpected(log, exc)
@@ -73,12 +76,28 @@ def _os_error(exc: OSError) -> tuple[int | None, str]:
     return None, ""
 
 
-def _disk_full(exc: BaseException) -> bool:
+# torch.save's zip writer loses the errno of a failed write: it raises "basic_ios::clear: iostream error", then
+# "[enforce fail at inline_container.cc] unexpected pos" (or "PytorchStreamWriter failed writing file")
+_UNEXPLAINED_WRITE_FAILURES = ("iostream error", "inline_container.cc", "PytorchStreamWriter failed")
+_ALMOST_FULL_BYTES = 64 * 2**20  # less than any checkpoint: such a failure there is the disk being full
+
+
+def _disk_full(exc: BaseException, work_dir: str | None = None) -> bool:
+    """A full disk, said outright, or a write failure without a reason while the work dir's disk is (almost) full."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
             return True
+        if work_dir and any(s in str(exc) for s in _UNEXPLAINED_WRITE_FAILURES) and _free_bytes(work_dir) < _ALMOST_FULL_BYTES:
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _free_bytes(path: str) -> float:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return float("inf")
 
 
 def _unexpected(log, exc: BaseException) -> int:
