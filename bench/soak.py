@@ -1,0 +1,381 @@
+"""A randomized soak: a long random history of the job's real operations under random faults, checked from
+storage after every step, replayable from its seed.
+
+    python bench/soak.py --minutes 60            # a long soak (the seed is drawn and printed)
+    python bench/soak.py --seed 1234 --steps 40  # replay a history: the same operations and faults
+
+Each step draws one operation (a nightly run on one of two channels, with new data, warm-started
+or distilled from the other channel; a rerun of an earlier run id; two nights racing on one
+channel; the same run id started twice; a night while the operator moves its channel; the
+operator's promote, rollback, hold, release and repair; ``job.answer --channel``) and the faults of each process it starts (SIGKILL or SIGTERM at a
+named point or after a delay, a storage outage, the server stopped, connection resets, lost
+replies, cut uploads, latency, a full scratch disk, a clock minutes off, a scratch dir copied
+from an earlier attempt). Runs are retried as a Kubernetes Job would retry them. After the step,
+``tests.support.invariants`` checks what storage holds and what every process printed; a run that
+resumed after faults is compared with the same run trained once without faults (its weights, bit
+for bit, as the README promises on CPU); ``job.answer`` answers through every channel.
+
+Replays: the schedule (which operation, which faults, where and with what parameters, the data
+dropped) is drawn from ``random.Random(seed)``, one generator per step seeded from the master, so
+``--seed S`` draws exactly the same history whatever the processes did. A fault at a named point
+(``tests.support.killer``) fires at the same point every time. Faults at the n-th log event of a
+kind fire as closely as the events arrive; a signal "after t seconds", how long an outage
+overlaps the process's calls, and races between concurrent processes replay only approximately
+(the OS schedules them). Exit status: 0 without violations, 1 with any.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import _common  # noqa: F401  (puts the repository root on sys.path)
+from _common import machine
+from _soak_ops import CHANNELS, GATES, KEEP_RUNS, REFUSALS, Outcome, Soak
+from tests.support.invariants import (Policy, answers_through_every_channel, check_process, check_storage,
+                                      retries_converged, same_as_reference)
+from tests.support.soakworld import World
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+QUESTION = ("Who won Super Bowl 50?", "The Denver Broncos defeated the Carolina Panthers to win Super Bowl 50.")
+
+
+# ---------------------------------------------------------------------------------------------- operations
+def op_night(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    channel, extra, flags = rng.choice(CHANNELS), {}, []
+    if rng.random() < 0.5:
+        soak.drop_train(rng)
+        flags.append("+data")
+    if rng.random() < 0.06 and soak.eval_drops < 4:
+        soak.drop_eval(rng)
+        flags.append("+eval")
+    if rng.random() < 0.35:
+        extra["QA_INIT_FROM"] = "channel"
+        flags.append("warm")
+    if rng.random() < 0.15:
+        extra["QA_TEACHER_CHANNEL"] = next(c for c in CHANNELS if c != channel)
+        flags.append("distilled")
+    spec = soak.new_run("night", channel, **extra)
+    out.line = f"night {channel} {' '.join(flags)}".strip()
+    soak.run_job(spec, rng, out)
+
+
+def op_rerun(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    if not soak.runs:
+        out.kind = "night"
+        return op_night(soak, rng, out)
+    spec = soak.runs[rng.choice(sorted(soak.runs))]
+    out.line = f"rerun {spec.run_id}"
+    soak.run_job(spec, rng, out, chance=0.4)
+
+
+def op_race(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    """Two nights on one channel at once, each on its own node; half the time held until both read the pointer."""
+    channel = rng.choice(CHANNELS)
+    soak.drop_train(rng)
+    meet = rng.random() < 0.5
+    specs = [soak.new_run("race", channel, QA_SEED=str(100 + len(soak.runs))) for _ in range(2)]
+    out.line = f"race {channel}{' meeting at the pointer' if meet else ''}"
+    started = []
+    for spec in specs:
+        work = soak.work_dir(spec.run_id)
+        faults, setup = ([], {}) if meet else soak.draw_faults(rng, "job", 0.4)
+        env = {**spec.env, "QA_WORK_DIR": str(work), "KILLER_MEET_DIR": str(soak.root / "meet" / specs[0].run_id)}
+        started.append((spec, work, (soak.launch(f"{spec.run_id}#1", env, faults, setup,
+                                                 killer="meet:pointer_read@2=2" if meet else ""), setup)))
+    for spec, work, first in started:
+        soak.run_job(spec, rng, out, first=first, work=work)
+
+
+def op_twin(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    """One run id started twice: the second on another node, on a copy of the first's scratch, or on the same."""
+    channel = rng.choice(CHANNELS)
+    soak.drop_train(rng)
+    spec = soak.new_run("twin", channel)
+    event, place = rng.choice(["lease", "train_start", "checkpoint_committed"]), rng.choice(["fresh", "copy", "same"])
+    work_a = soak.work_dir(spec.run_id)
+    faults, setup = soak.draw_faults(rng, "job", 0.3)
+    a = soak.launch(f"{spec.run_id}#1", {**spec.env, "QA_WORK_DIR": str(work_a)}, faults, setup)
+    out.line = f"twin {channel}: a second process at {event}, {place} scratch"
+    deadline = time.monotonic() + 300
+    while not a.counts.get(event) and a.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    work_b = work_a if place == "same" else soak.work_dir(spec.run_id)
+    if place == "copy":
+        shutil.copytree(work_a, work_b, symlinks=True, dirs_exist_ok=True,
+                        ignore_dangling_symlinks=True, copy_function=_copy_if_there)
+        out.faults.append("copied_workdir")
+    faults_b, setup_b = soak.draw_faults(rng, "job", 0.0)
+    b = soak.launch(f"{spec.run_id}#twin", {**spec.env, "QA_WORK_DIR": str(work_b)}, faults_b, setup_b)
+    soak.run_job(spec, rng, out, first=(a, setup), work=work_a)
+    soak.run_job(spec, rng, out, first=(b, setup_b), work=work_b)
+
+
+def op_busy(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    """A night on a channel while the operator moves it: the command and the night's promotion race for the pointer."""
+    channel = rng.choice(CHANNELS)
+    soak.drop_train(rng)
+    spec = soak.new_run("night", channel, **({"QA_INIT_FROM": "channel"} if rng.random() < 0.3 else {}))
+    command, event = rng.choice(["hold", "release", "rollback", "promote"]), rng.choice(["train_end", "published"])
+    work = soak.work_dir(spec.run_id)
+    faults, setup = soak.draw_faults(rng, "job", 0.3)
+    night = soak.launch(f"{spec.run_id}#1", {**spec.env, "QA_WORK_DIR": str(work)}, faults, setup)
+    out.line = f"busy {channel}: {command} at the night's {event}"
+    deadline = time.monotonic() + 300
+    while not night.counts.get(event) and night.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    args = [command, "--output", soak.world.output, "--channel", channel, "--reason", "soak busy"]
+    if command == "promote":
+        args += ["--run", rng.choice(sorted(soak.runs))]
+    soak.run_cli(f"{command}-{channel}", "job.channel", args, REFUSALS[command], rng, out)
+    soak.run_job(spec, rng, out, first=(night, setup), work=work)
+
+
+def _copy_if_there(src, dst):
+    try:
+        shutil.copy2(src, dst)
+    except FileNotFoundError:  # the running process removed it meanwhile
+        pass
+
+
+def op_operator(command: str):
+    def op(soak: Soak, rng: random.Random, out: Outcome) -> None:
+        channel = rng.choice(CHANNELS)
+        args = [command, "--output", soak.world.output, "--channel", channel]
+        if command == "promote" or (command == "rollback" and rng.random() < 0.3):
+            args += ["--run", rng.choice(sorted(soak.runs) or ["alpha-000"])]
+        out.line = " ".join(["channel", command, channel, *args[5:]])
+        args += ["--reason", f"soak {command}"]
+        soak.run_cli(f"{command}-{channel}", "job.channel", args, REFUSALS[command], rng, out)
+    return op
+
+
+def op_repair(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    """A hand edit cuts a pointer short; the operator puts the holder back with ``promote --run --repair``."""
+    channel = rng.choice(CHANNELS)
+    key = f"out/channels/{channel}.json"
+    seqs = sorted(int(k.rsplit("/", 1)[1][:-5]) for k in soak.world.keys(f"out/channels/{channel}/history/")
+                  if k.rsplit("/", 1)[1][:-5].isdigit())
+    target = rng.choice(sorted(soak.runs) or ["alpha-000"])
+    if soak.world.get(key) is not None and seqs:
+        soak.world.put(key, b'{"schema": 1, "channel": "' + channel.encode() + b'", "seq": ')
+        out.faults.append("corrupt_pointer")
+        target = json.loads(soak.world.get(f"out/channels/{channel}/history/{seqs[-1]}.json"))["run_id"]
+    out.line = f"channel repair {channel} --run {target}"
+    soak.run_cli(f"repair-{channel}", "job.channel", ["promote", "--output", soak.world.output, "--channel", channel,
+                                                      "--run", target, "--repair"], REFUSALS["repair"], rng, out)
+
+
+def op_answer(soak: Soak, rng: random.Random, out: Outcome) -> None:
+    channel = rng.choice(CHANNELS)
+    out.line = f"answer --channel {channel}"
+    soak.run_cli(f"answer-{channel}", "job.answer", ["--model", soak.world.output, "--channel", channel, "--question",
+                                                     QUESTION[0], "--context", QUESTION[1], "--max-length", "128",
+                                                     "--doc-stride", "48"], REFUSALS["answer"], rng, out, kind="answer")
+
+
+OPS = {"night": (op_night, 32), "rerun": (op_rerun, 8), "race": (op_race, 6), "twin": (op_twin, 6), "busy": (op_busy, 5),
+       "promote": (op_operator("promote"), 6), "rollback": (op_operator("rollback"), 6), "hold": (op_operator("hold"), 4),
+       "release": (op_operator("release"), 4), "repair": (op_repair, 3), "answer": (op_answer, 5)}
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def check_step(soak: Soak, out: Outcome, prev, cur, policy: Policy, references: dict) -> list[tuple[str, str]]:
+    found = check_storage(prev, cur, policy)
+    for proc in out.procs:
+        found += check_process(proc, soak.world.secrets)
+        if proc.code == -9 and 9 not in proc.signalled:
+            found.append(("exit_codes_documented", f"{proc.label}: hung, killed by the soak after its time limit"))
+    for label, codes in out.unsettled:
+        found += retries_converged(label, codes, False)
+    for run_id in dict.fromkeys(out.runs):
+        found += compare_with_reference(soak, soak.runs[run_id], cur, references, out)
+    found += answers(soak, cur)
+    return found
+
+
+def compare_with_reference(soak: Soak, spec, cur, references: dict, out: Outcome) -> list[tuple[str, str]]:
+    """A run that resumed after faults against the same inputs trained once without faults (cached by fingerprint)."""
+    run = spec.run_id
+    model = cur.objects.get(f"{run}/model/model.safetensors")
+    record = cur.json(f"{run}/run.json")
+    if not (spec.resumed and spec.interrupted and spec.settled and model and isinstance(record, dict)) or run in references["done"]:
+        return []
+    references["done"].add(run)
+    fingerprint = record["fingerprint"]
+    if fingerprint not in references["sha256"]:
+        references["sha256"][fingerprint] = reference_run(soak, spec, record)
+    expected = references["sha256"][fingerprint]
+    if expected is None:
+        out.notes.append(f"{run}: no reference (its start or teacher model is gone)")
+        references["unavailable"] += 1
+        return []
+    references["compared"] += 1
+    return same_as_reference(run, model.sha256, expected)
+
+
+def reference_run(soak: Soak, spec, record: dict) -> str | None:
+    """The model.safetensors sha256 of the run's inputs trained once, without faults, outside the output."""
+    world, fingerprint = soak.world, record["fingerprint"]
+    folder = soak.root / "reference" / fingerprint[:16]
+    shutil.rmtree(folder, ignore_errors=True)
+    env = {**spec.env, **world.env(through_proxy=False), "QA_RUN_ID": f"ref-{fingerprint[:24]}",
+           "QA_OUTPUT_URI": world.uri("reference"), "QA_WORK_DIR": str(folder / "work"), "QA_TRAIN_SELECT": "all"}
+    for name in ("QA_CHANNEL", "QA_INIT_FROM", "QA_TEACHER_CHANNEL"):
+        env.pop(name, None)
+    for split, setting in (("train", "QA_TRAIN_URI"), ("eval", "QA_EVAL_URI")):
+        pin = record.get("data_files", {}).get(split)
+        for f in pin["files"]:
+            path = folder / split / f["key"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(world.get(f"data/{split}/{f['key']}"))
+        env[setting] = str(folder / split) + "/"
+    init = record["inputs"].get("init", {})
+    if init.get("from") == "channel":
+        if not world.download(f"out/{init['run_id']}/model/", folder / "start"):
+            return None
+        env["QA_MODEL_NAME"] = str(folder / "start")
+    if record.get("teacher_run"):
+        if not world.download(f"out/{record['teacher_run']}/model/", folder / "teacher"):
+            return None
+        env["QA_TEACHER_MODEL"] = str(folder / "teacher")
+    running = world.finish(world.start(f"reference-{spec.run_id}", env))
+    if running.proc.returncode != 0:
+        raise RuntimeError(f"the reference run of {spec.run_id} failed: exit {running.proc.returncode}\n" + "\n".join(running.err[-20:]))
+    ref = json.loads(world.get(f"reference/ref-{fingerprint[:24]}/run.json"))
+    if ref["inputs"]["train_sha256"] != record["inputs"]["train_sha256"]:
+        raise RuntimeError(f"the reference of {spec.run_id} read other training data")
+    import hashlib
+
+    return hashlib.sha256(world.get(f"reference/ref-{fingerprint[:24]}/model/model.safetensors")).hexdigest()
+
+
+def answers(soak: Soak, cur) -> list[tuple[str, str]]:
+    """``job.answer --channel`` (in this process: its main, as the command runs it) through every channel."""
+    from job.answer import main
+
+    results = {}
+    for channel in cur.channels():
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with redirect_stdout(stdout), redirect_stderr(stderr):
+            code = main(["--model", soak.world.output, "--channel", channel, "--question", QUESTION[0], "--context",
+                         QUESTION[1], "--max-length", "128", "--doc-stride", "48",
+                         "--endpoint-url", soak.world.server.endpoint], environ=soak.world.env(through_proxy=False))
+        results[channel] = (code, stderr.getvalue().strip()[-300:])
+    return answers_through_every_channel(results)
+
+
+# ---------------------------------------------------------------------------------------------- the history
+def describe(out: Outcome) -> str:
+    return "; ".join(f"{who}: " + " -> ".join(attempts) for who, attempts in out.attempts.items())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, help="replay this history (default: a new seed, printed)")
+    parser.add_argument("--steps", type=int, help="operations to run (default 40 without --minutes)")
+    parser.add_argument("--minutes", type=float, help="stop starting operations after this many minutes")
+    parser.add_argument("--keep", action="store_true", help="keep the soak's folder (server data, work dirs)")
+    args = parser.parse_args(argv)
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
+    steps = args.steps or (10**6 if args.minutes else 40)  # with both, whichever comes first
+    root = Path(tempfile.mkdtemp(prefix=f"soak-{seed}-"))
+    started = time.monotonic()
+    length = [f"{args.steps} steps" if args.steps else "", f"{args.minutes:g} minutes" if args.minutes else ""]
+    print(f"== soak: seed {seed}, {' or '.join(filter(None, length)) or f'{steps} steps'}")
+    print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {machine()}")
+    world = World(root, tag=f"{seed:x}")
+    os.environ.update({k: v for k, v in world.env(through_proxy=False).items() if k.startswith("AWS_")})  # the answer check's reads
+    try:
+        soak = Soak(world, root)
+        missing = [what for what, ok in (("a full scratch disk (needs root and mount)", soak.can_mount),
+                                         ("a clock minutes off (needs libfaketime: apt-get install faketime)", soak.faketime)) if not ok]
+        print(f"faults not available here: {'; '.join(missing) or 'none'}")
+        return run_history(soak, seed, steps, args.minutes, started)
+    finally:
+        world.close()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            print(f"kept: {root}")
+
+
+def run_history(soak: Soak, seed: int, steps: int, minutes: float | None, started: float) -> int:
+    master, policy = random.Random(seed), Policy(KEEP_RUNS, GATES)
+    names, weights = list(OPS), [w for _, w in OPS.values()]
+    references = {"sha256": {}, "done": set(), "compared": 0, "unavailable": 0}
+    history, violations, seen = [], [], set()
+    ops, faults, exits, decisions = Counter(), Counter(), Counter(), Counter()
+    prev = soak.world.snapshot(-1)
+    step = 0
+    for step in range(steps):
+        if minutes and time.monotonic() - started > minutes * 60:
+            break
+        rng = random.Random(master.getrandbits(64))
+        name = rng.choices(names, weights)[0]
+        out, t0 = Outcome(name, kind=name), time.monotonic()
+        OPS[name][0](soak, rng, out)
+        cur = soak.world.snapshot(step)
+        found = check_step(soak, out, prev, cur, policy, references)
+        prev = cur
+        line = f"{step:4d} {out.line:<52} {describe(out)}  ({time.monotonic() - t0:.0f} s)"
+        history.append(line)
+        print(line, flush=True)
+        ops[out.kind] += 1
+        faults.update(out.faults)
+        for proc in out.procs:
+            exits[(proc.kind, proc.code)] += 1
+            for event in _events(proc):
+                if event.get("event") in ("promotion", "unchanged"):
+                    decisions[event.get("decision", "unchanged")] += 1
+        for note in out.notes:
+            print(f"       note: {note}")
+        for invariant, problem in found:
+            if (invariant, problem) in seen:
+                continue
+            seen.add((invariant, problem))
+            violations.append((step, invariant, problem))
+            print(f"       VIOLATION {invariant}: {problem}", flush=True)
+    ran = len(history)
+    print(f"\n== soak done: seed {seed}, {ran} steps in {(time.monotonic() - started) / 60:.1f} minutes")
+    print("operations: " + ", ".join(f"{k} {v}" for k, v in ops.most_common()))
+    print("processes: " + ", ".join(f"{kind} exit {code}: {n}" for (kind, code), n in sorted(exits.items())))
+    print("faults that fired: " + (", ".join(f"{k} {v}" for k, v in faults.most_common()) or "none"))
+    print("channel decisions: " + (", ".join(f"{k} {v}" for k, v in decisions.most_common()) or "none"))
+    print(f"resumed runs compared with a fault-free reference: {references['compared']} "
+          f"({len(references['sha256'])} reference runs, {references['unavailable']} without a reference)")
+    print(f"violations: {len(violations)}")
+    for step, invariant, problem in violations:
+        print(f"\n-- step {step}: {invariant}: {problem}\n   the history that led to it:")
+        for line in history[: step + 1]:
+            print(f"   {line}")
+        print(f"   replay: python bench/soak.py --seed {seed} --steps {step + 1}")
+    print(f"\nreplay this history: python bench/soak.py --seed {seed} --steps {ran}")
+    return 1 if violations else 0
+
+
+def _events(proc) -> list[dict]:
+    out = []
+    for line in proc.stdout.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
