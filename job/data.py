@@ -16,11 +16,13 @@ millions of ids), and named with both their files.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import errno
 import hashlib
 import json
 import logging
+import shutil
 from array import array
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,10 +30,12 @@ from typing import Iterable, Iterator
 
 from job.errors import ConfigError, DataError, StorageUnavailable
 from job.formats import FORMATS, from_flat, iter_file_rows, read_rows, validated
+from job.observe.redaction import MASK, redact_text
 from job.rows import CHUNK, RowWriter, head, open_rows
 from job.settings import Settings
 from job.store import listing
 from job.store.locations import UnsafeName, confine, join, local_path
+from job.store.scratch import temp_path
 from job.store.storage import NotFound, RetryPolicy, open_storage, sha256_file, split_s3
 
 log = logging.getLogger(__name__)
@@ -71,15 +75,17 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
         raise ConfigError(f"QA_TRAIN_SELECT={settings.train_select}: selects files of a folder or prefix, "
                           f"and QA_TRAIN_URI={uri or '(unset)'} is not one")
     files, pin = (), None
-    rows = _SplitRows(Path(settings.work_dir) / settings.run_id / "rows" / f"{name}.arrow", settings.squad_v2)
+    work = Path(settings.work_dir) / settings.run_id
+    rows = _SplitRows(work / "rows" / f"{name}.arrow", settings.squad_v2)
     try:
         if uri and is_prefix(uri):
-            digest, files, pin = _read_prefix(rows, name, uri, Path(settings.work_dir) / "data" / name, settings, policy,
-                                              (pinned or {}).get(name))
+            with _downloads(work / "data" / name) as private:
+                digest, files, pin = _read_prefix(rows, name, uri, private, settings, policy, (pinned or {}).get(name))
         elif uri:
-            path = fetch(uri, Path(settings.work_dir) / "data" / name, settings, policy)
-            rows.add(iter_file_rows(path, uri), uri)
-            digest = sha256_file(path)
+            with _downloads(work / "data" / name) as private:
+                path = fetch(uri, private, settings, policy)
+                rows.add(iter_file_rows(path, uri), uri)
+                digest = sha256_file(path)  # the very bytes just read: nobody else writes this folder
         else:
             rows.fingerprint, rows.fingerprint_rows = hashlib.sha256(), limit  # the hub has no file to hash
             rows.add(_hub_rows(settings, hub_split), f"{settings.dataset}[{hub_split}]")
@@ -100,6 +106,22 @@ def load_split(name: str, settings: Settings, policy: RetryPolicy, pinned: dict 
     log.info("data loaded", extra={"event": "data", "split": name, "source": uri or settings.dataset, "examples": len(table),
                                    **({"files": len(files)} if files else {})})
     return Split(name, uri or settings.dataset, digest, table, len(table), files, pin)
+
+
+@contextlib.contextmanager
+def _downloads(folder: Path):
+    """A folder of this process's own for the split's downloads, removed afterwards.
+
+    Runs sharing a work dir once downloaded into one ``<work>/data/<split>/`` under one ``.part``
+    name: one crashed, the other trained on its own file and recorded the other's sha256. The
+    folder is a temporary name of this process's (``job.store.scratch``): a killed run's
+    downloads are swept by the next start in the work dir.
+    """
+    private = temp_path(folder / "downloads")
+    try:
+        yield private
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def is_prefix(uri: str) -> bool:
@@ -123,7 +145,11 @@ def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settin
     root = None if s3 else local_path(uri)
     if root is not None and not root.is_dir():
         raise DataError(f"{uri}: data folder not found")
-    chosen = listing.pinned(pinned_record, uri)
+    # run.json keeps a credential in the URI or a key masked (job.observe.redaction); rank 0's pin is as read
+    chosen = listing.pinned(pinned_record, uri) or listing.pinned(pinned_record, redact_text(uri))
+    if chosen is not None and any(MASK in f.key for f in chosen):
+        everything = listing.list_store(store) if store is not None else listing.list_local(root)
+        chosen = listing.unmask(chosen, everything, redact_text, MASK)
     if chosen is not None:
         selection = pinned_record["select"]
         log.info("reading the data files pinned for this run (by its first attempt, or by rank 0)", extra={
@@ -134,7 +160,7 @@ def _read_prefix(rows: "_SplitRows", name: str, uri: str, dest_dir: Path, settin
     for f in chosen:
         source = join(uri, f.key)
         try:
-            path = confine(dest_dir / "prefix" if s3 else root, f.key)
+            path = confine(dest_dir if s3 else root, f.key)
         except UnsafeName as exc:
             raise DataError(f"{source}: unusable key ({exc})") from None
         if s3:
@@ -171,14 +197,23 @@ def _choose(name: str, uri: str, store, root: Path | None, settings: Settings) -
         raise DataError(f"{uri}: no data files under this prefix (supported: .json, .jsonl, .ndjson, .parquet, .csv"
                         f"{'; skipped ' + ', '.join(f.key for f in skipped[:3]) if skipped else ''})")
     selection = listing.parse_selection(settings.train_select) if name == "train" else listing.ALL
-    chosen = listing.select(use, selection, dt.datetime.now(dt.timezone.utc).date(), uri)
+    now = dt.datetime.now(dt.timezone.utc)
+    ahead = listing.dated_ahead(use, selection, now)
+    if ahead:  # a date after today is a mistake, not the newest data: never chosen, always said
+        log.warning("data files dated in the future skipped", extra={
+            "event": "data_files_future", "source": uri, "select": str(selection), "count": len(ahead),
+            "today": now.date().isoformat(), "files": [f.key for f in ahead[:20]]})
+        skip = {f.key for f in ahead}
+        use = [f for f in use if f.key not in skip]
+    chosen = listing.select(use, selection, now.date(), uri)
     if selection != listing.ALL:
         log.info("data files selected", extra={"event": "data_selected", "split": name, "source": uri, "select": str(selection),
                                                "files": len(chosen), "of": len(use),
                                                "first": chosen[0].key if chosen else None, "last": chosen[-1].key if chosen else None})
     if not chosen:
-        raise DataError(f"{uri}: QA_TRAIN_SELECT={selection} left none of its {len(use)} data files "
-                        f"(newest by key: {use[-1].key})")
+        raise DataError(f"{uri}: QA_TRAIN_SELECT={selection} left none of its {len(use) + len(ahead)} data files "
+                        f"({f'newest by key: {use[-1].key}' if use else 'every one'}"
+                        f"{f'; {len(ahead)} dated after today' if ahead else ''})")
     return chosen, str(selection)
 
 
@@ -203,7 +238,7 @@ class _SplitRows:
     """A split's rows on their way to its Arrow file: checked, hashed for the duplicate test, written."""
 
     def __init__(self, path: Path, squad_v2: bool):
-        self.writer, self.squad_v2 = RowWriter(path), squad_v2
+        self.writer, self.squad_v2 = RowWriter(path, temp_path(path)), squad_v2
         self.hashes = array("q")  # hash(id) of every row: 8 bytes a row, sorted once at the end
         self.sources: list[tuple[int, str]] = []  # (first row, file) for naming a duplicate's files
         self.fingerprint, self.fingerprint_rows = None, None  # the hub's digest, over the rows kept

@@ -98,15 +98,32 @@ def resolve_teacher(settings, ranks: Ranks = Ranks(), pinned_run: str | None = N
 
 
 def _channel_run(settings, setting: str) -> str:
-    from job.channels.channel import Channel, UnknownChannel
+    from job.channels.channel import UnknownChannel
+
+    try:
+        return _teacher_channel(settings).require().pointer["run_id"]
+    except UnknownChannel:
+        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+
+
+def hold_teacher(settings, teacher_run: str) -> None:
+    """On rank 0, before the run folder pins ``teacher_run``: the teacher channel's retention keeps that model
+    until this run is complete (a retry learns from it again, however far the channel has moved)."""
+    _teacher_channel(settings).record_student(settings.run_id, teacher_run)
+
+
+def release_teacher(settings) -> None:
+    """This run is complete: its pinned teacher is the teacher channel's retention's business again."""
+    _teacher_channel(settings).forget_student(settings.run_id)
+
+
+def _teacher_channel(settings):
+    from job.channels.channel import Channel
     from job.store.storage import RetryPolicy, open_storage
 
     policy = RetryPolicy(settings.storage_attempts, settings.storage_backoff_seconds, settings.storage_timeout_seconds)
     root = open_storage(settings.output_uri, policy, settings.s3_endpoint_url, settings.s3_region)
-    try:
-        return Channel(root, settings.teacher_channel).require().pointer["run_id"]
-    except UnknownChannel:
-        raise ConfigError(f"{setting}: no such channel under QA_OUTPUT_URI={settings.output_uri}") from None
+    return Channel(root, settings.teacher_channel)
 
 
 def check_teacher(path: str, setting: str, student: str, max_length: int) -> None:
@@ -171,7 +188,7 @@ def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, lo
 
     from job.runtime.device import uses_cuda
     from job.evaluate import predict_logits
-    from job.store.files import writing
+    from job.store.files import reserved_array, writing
     from job.train import load_model, precision_for
 
     tokenizer, model = load_model(teacher.path, settings.seed, settings.attention)  # fp32 weights, fp32 QA head
@@ -179,7 +196,8 @@ def score(settings, teacher: Teacher, train, offsets: np.ndarray, path: Path, lo
     device = f"cuda:{local_rank}" if uses_cuda(settings) else "cpu"
     try:
         with writing(path) as tmp:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(int(offsets[-1]), 2))
+            # its space taken before the teacher runs: a full disk is exit 75, not a bus error on a page (exit 135)
+            out = reserved_array(tmp, (int(offsets[-1]), 2), np.float16)
             for begin in range(0, len(inputs), SCORE_WINDOWS):
                 part = inputs.select(range(begin, min(begin + SCORE_WINDOWS, len(inputs))))
                 start, end = predict_logits(model, tokenizer, part, settings.eval_batch_size, device,

@@ -57,6 +57,15 @@ class Preempted(JobError):
     exit_code = EXIT_PREEMPTED
 
 
+class Diverged(JobError):
+    """Training left the model with NaN or infinite weights, or its scores are not finite: nothing is
+    published and no channel moves. The same run id would diverge again (the run is deterministic),
+    so this is the settings' exit code: change them (learning rate, precision, temperature) and
+    start under a new run id."""
+
+    exit_code = EXIT_CONFIG
+
+
 class StoppedUncommitted(JobError):
     """Stopped by a signal before the checkpoint taken for the stop reached storage: progress since the last one is lost."""
 

@@ -14,10 +14,12 @@ give fp32 logits: the QA head runs outside autocast (``job.train.Fp32Head``).
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from transformers import TrainerCallback
 
+from job.errors import Diverged
 from job.rows import CHUNK, SCORED, chunks, each
 from job.squad.decoding import count_nonfinite, decode_all
 from job.squad.metrics import squad_scores
@@ -161,6 +163,14 @@ def score_logits(rows: list[dict], eval_features, start_logits, end_logits, sett
                                            "during_training": during_training,
                                            **{k: round(v, 3) if isinstance(v, float) else v for k, v in scores.items()}})
     return scores, predictions
+
+
+def check_scores(scores: dict) -> None:
+    """Scores that are not finite numbers are never published or gated (``Diverged``, exit 2): the gate's
+    floor test is ``metric < QA_GATE_MIN``, which NaN never is."""
+    bad = sorted(k for k, v in scores.items() if isinstance(v, float) and not math.isfinite(v))
+    if bad:
+        raise Diverged(f"the evaluation's scores are not finite ({', '.join(bad)}); nothing is published")
 
 
 def decode_examples(rows, features, start_logits, end_logits, settings) -> dict[str, str]:

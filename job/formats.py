@@ -7,11 +7,11 @@ Parquet. ``validated`` checks each row as it passes and yields it in the one lay
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from job import safe_json
 from job.errors import DataError
 
 FORMATS = {".json": "squad-json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
@@ -48,9 +48,9 @@ def _read_jsonl(path: Path, source: str) -> Iterator[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{source}: line {lineno} is not valid JSON ({exc.msg})") from None
+                row = safe_json.loads(line, max_bytes=None)
+            except ValueError as exc:
+                raise DataError(f"{source}: line {lineno} is {exc}") from None
             yield from_flat(row)
 
 
@@ -71,7 +71,12 @@ def _read_csv(path: Path, source: str) -> Iterator[dict]:
 
 
 def _read_squad_json(path: Path, source: str) -> Iterator[dict]:
-    doc = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        doc = safe_json.loads(path.read_text(encoding="utf-8"), max_bytes=None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise DataError(f"{source}: {exc}") from None
     if isinstance(doc, list):  # a JSON array of flat rows
         yield from (from_flat(r) for r in doc)
         return
@@ -95,8 +100,8 @@ def from_flat(row: dict) -> dict:
     answers = row.get("answers")
     if isinstance(answers, str):  # CSV cell holding the JSON answers object
         try:
-            answers = json.loads(answers) if answers.strip() else {"text": [], "answer_start": []}
-        except json.JSONDecodeError:
+            answers = safe_json.loads(answers, max_bytes=None) if answers.strip() else {"text": [], "answer_start": []}
+        except ValueError:
             answers = None
     if answers is None and "answer_text" in row:
         text, start = row.get("answer_text"), row.get("answer_start")

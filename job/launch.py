@@ -19,6 +19,7 @@ from job.errors import EXIT_CONFIG, EXIT_DATA, EXIT_OK, EXIT_PREEMPTED, EXIT_RUN
 EXIT_DIR_VARIABLE = "QAFT_LAUNCH_EXIT_DIR"  # not a QA_ setting: the workers' channel back to the launcher
 # When workers disagree, the code that tells the operator most wins: a bad configuration or bad
 # data explains everything else; a preemption explains the ranks torchrun then tore down.
+_DEFAULT_GRACE, _MAX_GRACE = 120.0, 86_400.0  # QA_STOP_GRACE_SECONDS' default and ceiling (job/settings.py)
 _PRIORITY = (EXIT_CONFIG, EXIT_DATA, EXIT_RUN_LOCKED, EXIT_PREEMPTED, EXIT_UNAVAILABLE, EXIT_UNEXPECTED)
 
 
@@ -32,6 +33,22 @@ def worker_code(codes: list[int], launcher_rc: int, stopped: bool) -> int:
     return EXIT_PREEMPTED if stopped else (EXIT_UNEXPECTED if launcher_rc else EXIT_OK)
 
 
+def shutdown_timeout(grace: str | None) -> str:
+    """torchrun's wait for its workers after a signal: the job's grace period plus 30 s.
+
+    The workers validate ``QA_STOP_GRACE_SECONDS`` (a bad one is their exit 2); the launcher only
+    must not die on it first: "inf" or "1e400" once raised OverflowError here, "x" ValueError. An
+    unusable value gets the default's timeout, and the workers then refuse it.
+    """
+    try:
+        seconds = float(grace if grace is not None else _DEFAULT_GRACE)
+    except ValueError:
+        seconds = _DEFAULT_GRACE
+    if not 0 < seconds <= _MAX_GRACE:
+        seconds = _DEFAULT_GRACE
+    return str(int(seconds + 30))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     entry = ["job"]
@@ -40,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, entry = argv[:at], argv[at + 1:]
     with tempfile.TemporaryDirectory(prefix="qa-launch-") as exit_dir:
         env = dict(os.environ, **{EXIT_DIR_VARIABLE: exit_dir})
-        grace = float(env.get("QA_STOP_GRACE_SECONDS", "120"))
-        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(grace + 30)))
+        env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", shutdown_timeout(env.get("QA_STOP_GRACE_SECONDS")))
         child = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv, "-m", *entry], env=env)
         stopped = []
 

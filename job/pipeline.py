@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from job import safe_json
 from job import distill, publish
 from job.channels import nightly, promotion
 from job.data import Split, load_split, load_splits
@@ -19,6 +19,7 @@ from job.runtime.preemption import StopRequest
 from job.preprocess import build_features
 from job.runtime.ranks import Ranks
 from job.settings import Settings
+from job.store import scratch
 from job.store.fingerprint import training_inputs
 from job.store.lease import Lease
 from job.store.models import model_identity
@@ -64,6 +65,8 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
                                                                                      "run_id": settings.run_id})
         elif not train_evaluate_publish(ctx):
             return  # QA_CHANNEL night with nothing new to learn
+        if ranks.is_writer and settings.teacher_channel:
+            distill.release_teacher(settings)  # complete: the teacher run it pinned need not be kept for it
         if ranks.is_writer and settings.channel:
             promotion.promote(ctx)  # gate against the channel's holder, move the pointer, prune old runs
 
@@ -189,13 +192,16 @@ def _rank0_data(ctx: RunContext, *splits: Split) -> tuple[Split, ...]:
 def _claim(ctx: RunContext, inputs: dict, pins: dict, teacher_run: str | None) -> bool:
     """On rank 0: bind the run folder to these inputs (and pin the data files read and a channel teacher's run);
     True when this work dir holds their staged results."""
+    if teacher_run:  # before the pin: from now on the teacher channel's retention keeps that model for this run
+        distill.hold_teacher(ctx.settings, teacher_run)
     publish.claim_run_folder(ctx.store, ctx.settings, inputs, pins, teacher_run)
     return publish.staged_results(ctx.settings, inputs) is not None
 
 
 def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, train_split, eval_split, inputs: dict,
                                taught=None, teacher=None) -> None:
-    from job.evaluate import evaluate
+    from job.evaluate import check_scores, evaluate
+    from job.train import check_finite
 
     settings, ranks = ctx.settings, ctx.ranks
     args = ctx.args or _training_arguments(settings)
@@ -207,10 +213,12 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
     log.info("training setup", extra={"event": "setup", "precision": precision, "device": device,
                                        "world_size": ranks.world_size, "resume_step": _step(resume)})
     train_metrics = _train_and_commit(ctx, trainer, uploader, resume)
+    check_finite(trainer)  # NaN weights are never evaluated, published or promoted (every rank has the same ones)
     # under torchrun a stop is not checked between batches: a rank leaving mid-prediction would leave the
     # others in a collective; the grace period covers an evaluation, and the stop is honoured after it
     scores, predictions = evaluate(trainer, features.eval, eval_split.rows, settings,
                                    stop=ctx.stop if ranks.world_size == 1 else None)
+    check_scores(scores)
     ctx.check_stop()
     if ranks.is_writer:
         context = {
@@ -226,7 +234,7 @@ def fine_tune_evaluate_publish(ctx: RunContext, tokenizer, model, features, trai
                                  "logits_cache": taught.cache}} if teacher and taught else {}),
         }
         root = publish.stage(settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
-        metrics = json.loads((root / "metrics.json").read_text())
+        metrics = safe_json.loads((root / "metrics.json").read_text())
         publish.publish(root, ctx.store, ctx.stop)
         summary.log_summary(settings, metrics)
 
@@ -303,9 +311,20 @@ def _commit_for_stop(ctx: RunContext, trainer, uploader, together: bool) -> None
 
 
 def prepare_work_dir(settings: Settings) -> Path:
-    """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it."""
+    """``<QA_WORK_DIR>/<run_id>``, created and known to be writable before anything is downloaded into it.
+
+    This process is marked alive in the work dir, and what dead processes left there (temporary
+    files of any run: rows, teacher logits, downloads, half-staged results) is swept first: a
+    SIGKILL runs no cleanup of its own (``job.store.scratch``).
+    """
     work = Path(settings.work_dir) / settings.run_id
     _probe_writable(work, f"QA_WORK_DIR={settings.work_dir}", create=True)
+    scratch.hold(Path(settings.work_dir))
+    gone = scratch.sweep(Path(settings.work_dir))
+    if gone:
+        log.info("swept what killed processes left in the work dir", extra={
+            "event": "work_dir_swept", "files": len(gone), "bytes": sum(size for _, size in gone),
+            "paths": [path for path, _ in gone[:20]]})
     return work
 
 

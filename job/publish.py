@@ -5,7 +5,6 @@ rerun on the same work directory uploads the staged files without training again
 """
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import shutil
@@ -13,11 +12,13 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from job import safe_json
 from job.errors import ConfigError
 from job.observe import curves, model_card
-from job.observe.redaction import redact
+from job.observe.redaction import artifact_json
 from job.store.fingerprint import differences, digest, eval_fingerprint, recipe
 from job.store.locations import is_run_id
+from job.store.files import writing_folder
 from job.store.storage import NotFound, PreconditionFailed, Storage, atomic_write
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,20 @@ def claim_run_folder(store: Storage, settings, inputs: dict, data_files: dict | 
     """
     # recipe and eval fingerprint: what a channel compares (skip-if-unchanged, re-scoring the holder)
     record = {"run_id": settings.run_id, "fingerprint": digest(inputs), "recipe": recipe(inputs),
-              "eval_fingerprint": eval_fingerprint(inputs), "inputs": redact(inputs),
+              "eval_fingerprint": eval_fingerprint(inputs), "inputs": inputs,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if data_files:
         record[DATA_FILES] = data_files
     if teacher_run:
         record[TEACHER_RUN] = teacher_run
     try:
-        store.put_bytes(RUN_RECORD, json.dumps(record, indent=1).encode(), if_none_match=True)
+        store.put_bytes(RUN_RECORD, artifact_json(record, indent=1), if_none_match=True)
         return
     except PreconditionFailed:
         pass
     raw, _ = store.get_bytes(RUN_RECORD)
     try:
-        earlier = json.loads(raw)
+        earlier = safe_json.loads(raw)
         same = earlier["fingerprint"] == record["fingerprint"]
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"{store.uri}/{RUN_RECORD} is not a run record; delete {store.uri} to start the run over") from None
@@ -105,7 +106,7 @@ def pinned_teacher(record: dict) -> str | None:
 def run_record(store: Storage) -> dict:
     """run.json as a dict; empty when there is none yet or it is not a JSON object (the claim names that)."""
     try:
-        record = json.loads(store.get_bytes(RUN_RECORD)[0])
+        record = safe_json.loads(store.get_bytes(RUN_RECORD)[0])
     except (NotFound, ValueError, UnicodeDecodeError):
         return {}
     return record if isinstance(record, dict) else {}
@@ -114,10 +115,19 @@ def run_record(store: Storage) -> dict:
 def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict, context: dict,
           inputs: dict) -> Path:
     """Write model, tokenizer, model card, metrics, predictions and manifest to the staging folder."""
-    from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
-
     root = staging_dir(settings)
     shutil.rmtree(root, ignore_errors=True)
+    # filled under a temporary name of this process's and renamed whole: a kill leaves no half-staged
+    # folder behind (the next start in the work dir sweeps the temporary one, job.store.scratch)
+    with writing_folder(root) as folder:
+        _stage_into(folder, settings, trainer, tokenizer, scores, predictions, train_metrics, context, inputs)
+    return root
+
+
+def _stage_into(root: Path, settings, trainer, tokenizer, scores: dict, predictions: dict, train_metrics: dict,
+                context: dict, inputs: dict) -> None:
+    from job.observe import periodic_eval, tracking  # the Trainer's modules: only once there is something to stage
+
     model_dir = root / "model"
     trainer.save_model(str(model_dir))
     tokenizer.save_pretrained(str(model_dir))
@@ -141,12 +151,12 @@ def stage(settings, trainer, tokenizer, scores: dict, predictions: dict, train_m
     model_card.write_card(model_dir / "README.md", settings, metrics, context)
     if "tensorboard" in settings.trackers:
         tracking.stage_events(tracking.logging_dir(settings), root / "logs")
-    atomic_write(root / "metrics.json", json.dumps(metrics, indent=2).encode())
-    atomic_write(root / "predictions.json", json.dumps(predictions, indent=1, ensure_ascii=False).encode())
-    atomic_write(root / "manifest.json", json.dumps(manifest, indent=2).encode())
-    atomic_write(root / BINDING, json.dumps(_binding(settings, inputs)).encode())
+    # every JSON artifact through the one encoder: a credential in a data key or a teacher's path is masked
+    atomic_write(root / "metrics.json", artifact_json(metrics, indent=2))
+    atomic_write(root / "predictions.json", artifact_json(predictions, indent=1, ensure_ascii=False))
+    atomic_write(root / "manifest.json", artifact_json(manifest, indent=2))
+    atomic_write(root / BINDING, artifact_json(_binding(settings, inputs)))
     atomic_write(root / STAGED, b"")
-    return root
 
 
 def _subset(metrics: dict, total: int) -> int | None:
@@ -171,7 +181,7 @@ def staged_results(settings, inputs: dict) -> Path | None:
     if not (root / STAGED).is_file():
         return None
     try:
-        binding = json.loads((root / BINDING).read_text())
+        binding = safe_json.loads((root / BINDING).read_text())
     except (OSError, ValueError):
         binding = None
     if binding != _binding(settings, inputs):
@@ -205,9 +215,9 @@ def publish(root: Path, store: Storage, stop=None) -> None:
                                                          if p.is_relative_to(root / "logs")})
     if stop is not None:
         stop.check()
-    metrics = json.loads((root / "metrics.json").read_text())
-    store.put_bytes(COMPLETE, json.dumps({"completed_at": time.time(), "files": len(files),
-                                          "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}).encode())
+    metrics = safe_json.loads((root / "metrics.json").read_text())
+    store.put_bytes(COMPLETE, artifact_json({"completed_at": time.time(), "files": len(files),
+                                             "exact_match": metrics.get("exact_match"), "f1": metrics.get("f1")}))
     log.info("published", extra={"event": "published", "uri": store.uri, "files": len(files)})
     shutil.rmtree(root, ignore_errors=True)
 

@@ -38,13 +38,14 @@ class RowWriter:
     version stays valid, since the rename leaves its inode alone.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, tmp: Path | None = None):
+        """``tmp``: the temporary name (the job's are named for their owner, so a killed writer's file is swept)."""
         import pyarrow as pa
 
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.rows = 0
-        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._tmp = Path(tmp) if tmp is not None else self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._schema = schema()
         self._sink = pa.OSFile(str(self._tmp), "wb")
         self._writer = pa.ipc.new_stream(self._sink, self._schema)

@@ -19,7 +19,7 @@ from pydantic import Field, PositiveInt, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import ConfigError
-from job.observe.redaction import redact
+from job.observe.redaction import holds_secret, redact
 from job.observe.trackers import tracker_problems
 from job.store.listing import parse_selection
 from job.store.locations import UnsafeName, check_channel_name, is_run_id, is_s3, join, parse_s3
@@ -29,6 +29,17 @@ _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+|[a-z0-9][a-z0-9-]{0,62}")
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT_80_TCP... for every Service in the
 # namespace; a Service named "qa-..." must not turn into an "unknown setting" error.
 _SERVICE_LINK = re.compile(r"_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT(_\d+_(TCP|UDP|SCTP)(_\w+)?)?)$")
+# Every duration has a ceiling a real run could use, and no more: QA_STOP_GRACE_SECONDS=1e10 once
+# passed every check, then overflowed the first timed wait after training (threading refuses
+# timeouts above TIMEOUT_MAX, about 9.2e9 s) and nothing was published. The ceilings keep every
+# sum a wait makes of them (monotonic() + grace, a watchdog's sleep) far below that.
+MAX_GRACE_SECONDS = 86_400.0  # a day: far beyond any pod's terminationGracePeriodSeconds in practice
+MAX_LEASE_SECONDS = 3_600.0  # what a replacement watches a silent lease for (job/store/lease.py caps the same)
+MAX_BACKOFF_SECONDS = 30.0  # the cap each doubled retry delay already has (job/store/storage.py)
+MAX_STORAGE_TIMEOUT_SECONDS = 600.0  # one storage call's connect/read timeout
+MAX_STORAGE_ATTEMPTS = 100  # with the 30 s cap: under an hour of retrying before exit 75
+MAX_CHECKPOINT_MINUTES = 10_080.0  # a week
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.1, 100.0  # QA_DISTILL_TEMPERATURE: the loss stays finite in fp32 between
 
 
 def _default_run_id() -> str:
@@ -68,7 +79,10 @@ class Settings(BaseSettings):
     teacher_model: str | None = Field(None, description="teacher QA model: hub id, folder, run folder or s3://.../model; unset = none")
     teacher_channel: str | None = Field(None, description="teacher = the model this channel's pointer names on QA_OUTPUT_URI")
     distill_alpha: float = Field(0.5, ge=0, le=1, description="weight of the gold spans; 1 - alpha weighs the teacher's")
-    distill_temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature of the teacher's part")
+    # 0.1 to 100: 1e-46 was accepted, the teacher's logits over it overflowed fp32, and the student's
+    # weights went NaN; below 0.1 the softened distribution is the teacher's argmax in all but name
+    distill_temperature: float = Field(2.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE,
+                                       description="softmax temperature of the teacher's part")
 
     # windows and decoding
     max_length: int = Field(384, ge=32, le=8192)
@@ -114,13 +128,13 @@ class Settings(BaseSettings):
     checkpoint_steps: int | Literal["auto"] = Field("auto", description="0 = no step-based checkpoints")
     checkpoint_minutes: float | Literal["auto"] = Field("auto", description="0 = no time-based checkpoints")
     checkpoints_to_keep: PositiveInt = 2
-    stop_grace_seconds: float = Field(120.0, gt=0)
-    lease_seconds: float = Field(60.0, ge=5)
+    stop_grace_seconds: float = Field(120.0, gt=0, le=MAX_GRACE_SECONDS)
+    lease_seconds: float = Field(60.0, ge=5, le=MAX_LEASE_SECONDS)
 
     # storage retries: bounded, so an outage ends in exit 75 instead of hanging forever
-    storage_attempts: PositiveInt = 6
-    storage_backoff_seconds: float = Field(1.0, ge=0)
-    storage_timeout_seconds: float = Field(20.0, gt=0)
+    storage_attempts: int = Field(6, ge=1, le=MAX_STORAGE_ATTEMPTS)
+    storage_backoff_seconds: float = Field(1.0, ge=0, le=MAX_BACKOFF_SECONDS)
+    storage_timeout_seconds: float = Field(20.0, gt=0, le=MAX_STORAGE_TIMEOUT_SECONDS)
 
     # nightly retraining (README "Nightly retraining and channels"): where a published model is
     # promoted, the quality gate in front of it, skipping nights with nothing new, warm starts and
@@ -162,9 +176,11 @@ class Settings(BaseSettings):
             n = float(v)
         except (TypeError, ValueError):
             n = -1.0
-        if not (0 <= n < float("inf")) or (info.field_name == "checkpoint_steps" and n != int(n)):
-            kind = "a whole number of steps" if info.field_name == "checkpoint_steps" else "a number of minutes"
-            raise ValueError(f"must be auto or {kind}, 0 or more (0 = off)")
+        steps = info.field_name == "checkpoint_steps"
+        most = float("inf") if steps else MAX_CHECKPOINT_MINUTES
+        if not (0 <= n <= most and n < float("inf")) or (steps and n != int(n)):
+            kind = "a whole number of steps, 0 or more" if steps else f"a number of minutes from 0 to {most:g}"
+            raise ValueError(f"must be auto or {kind} (0 = off)")
         return int(n) if info.field_name == "checkpoint_steps" else n
 
     @field_validator("run_id")
@@ -328,4 +344,11 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("QA_LEASE_SECONDS: must be at least 1.5 x QA_STORAGE_TIMEOUT_SECONDS")
     if s.trackers:
         problems.extend(f"QA_REPORT_TO: {p}" for p in tracker_problems(s.trackers))
+    # artifacts mask a credential wherever it appears (job.observe.redaction), but these become object
+    # keys in storage (or, the work dir, paths inside checkpoints), which no mask can reach
+    for field in ("run_id", "output_uri", "work_dir", "channel", "teacher_channel"):
+        value = getattr(s, field)
+        if value and holds_secret(value):
+            problems.append(f"{env_name(field)}: holds a credential (the value of a secret variable of this process, or "
+                            "user:password@); it would be part of every object name the run writes")
     return problems

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from job.runtime.device import uses_cuda
-from job.errors import ConfigError, StorageUnavailable
+from job.errors import ConfigError, Diverged, StorageUnavailable
 from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
 from job.runtime.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
@@ -103,6 +104,7 @@ class ProgressLog(TrainerCallback):
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step
         self._t0 = self._first_step = None
+        self._diverged = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._t0, self._first_step = time.monotonic(), state.global_step
@@ -111,6 +113,10 @@ class ProgressLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:
             return
+        if not _finite(logs["loss"]) and not self._diverged:
+            self._diverged = True  # once: every later mean holds it too
+            log.warning("the training loss is not finite", extra={"event": "nonfinite_loss", "step": state.global_step,
+                                                                    "loss": logs["loss"]})
         done = state.global_step - self._first_step
         elapsed = time.monotonic() - self._t0
         rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
@@ -159,6 +165,9 @@ def training_arguments(settings, output_dir: Path, precision: str, recipe: Recip
         dataloader_persistent_workers=recipe.dataloader_workers > 0,
         logging_strategy="steps",
         logging_steps=settings.logging_steps,
+        # the Trainer's default drops NaN and infinite step losses from the logged mean: weights gone NaN
+        # were logged as a loss of 0.0. Every step counts, so a non-finite loss shows where it happened
+        logging_nan_inf_filter=False,
         # saving is decided by CheckpointCallback alone (steps, minutes, SIGTERM, last step)
         save_strategy="no",
         save_total_limit=None,
@@ -250,6 +259,31 @@ class CompileStats(TrainerCallback):
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         log.info("compile", extra={"event": "compile", "stage": "predict", **compile_stats()})
+
+
+def check_finite(trainer: Trainer) -> None:
+    """A model with a NaN or infinite weight is never evaluated, published or promoted (``Diverged``, exit 2).
+
+    After training, before anything is staged: one pass over the weights where they are (a count per
+    tensor, one sum, one transfer: milliseconds on a GPU, tens of them for DistilBERT on a CPU). NaN
+    weights still decode to answers (NaN logits count as -inf) and score a few points, so nothing
+    after this point would notice: a fresh channel's first-model gate promoted such a model.
+    """
+    params = list(trainer.model.parameters())
+    with torch.no_grad():
+        bad = int(torch.stack([(~torch.isfinite(p)).sum() for p in params]).sum()) if params else 0
+    if not bad:
+        return
+    first = next((e.get("step") for e in trainer.state.log_history if "loss" in e and not _finite(e["loss"])), None)
+    raise Diverged(f"training diverged: {bad:,} of {sum(p.numel() for p in params):,} weights are NaN or infinite "
+                   f"after step {trainer.state.global_step}"
+                   + (f" (the logged loss was first not finite at step {first})" if first is not None else "")
+                   + "; nothing is published. Lower QA_LEARNING_RATE, or check QA_PRECISION, QA_DISTILL_TEMPERATURE, "
+                   "the base model and the data, then start under a new QA_RUN_ID")
+
+
+def _finite(value) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def train(trainer: Trainer, resume_from: Path | None) -> dict:

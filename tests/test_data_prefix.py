@@ -196,3 +196,45 @@ def test_a_selection_needs_a_folder(tmp_path):
     path.write_bytes(jsonl(ROWS[:3]))
     with pytest.raises(ConfigError, match="QA_TRAIN_SELECT=newest:2: selects files of a folder or prefix"):
         load_select(str(path), tmp_path, {}, "newest:2")
+
+
+def test_files_dated_in_the_future_are_skipped_and_said(prefix, tmp_path, caplog):
+    """days:D kept a file dated 2099 every night: it is skipped, with a data_files_future event."""
+    import datetime as dt
+
+    put, delete, uri, env = prefix
+    today = dt.datetime.now(dt.timezone.utc).date()
+    put(f"{today}/part.jsonl", jsonl(ROWS[:5]))
+    put("2099-01-01/part.jsonl", jsonl(ROWS[5:10]))
+    with caplog.at_level(logging.WARNING, logger="job.data"):
+        split = load_select(uri, tmp_path, env, "days:7")
+    assert [f.key for f in split.files] == [f"{today}/part.jsonl"]
+    (event,) = [r for r in caplog.records if getattr(r, "event", None) == "data_files_future"]
+    assert event.files == ["2099-01-01/part.jsonl"] and event.count == 1 and event.select == "days:7"
+    delete(f"{today}/part.jsonl")  # nothing left but the future: a data error that says why
+    shutil.rmtree(tmp_path / "work", ignore_errors=True)
+    with pytest.raises(DataError, match="dated after today"):
+        load_select(uri, tmp_path, env, "newest:1")
+
+
+def test_a_retry_reads_the_files_whose_keys_run_json_keeps_masked(prefix, tmp_path):
+    """A credential in a data key is masked in run.json (job.observe.redaction.artifact_json); the retry finds the
+    key each masked pin stands for by the listing, and reads the very files (sha256 checked) the first attempt read."""
+    from job import safe_json
+    from job.observe.redaction import artifact_json, register_secrets
+
+    secret = "pin-Secret-Walrus-7361"
+    register_secrets({"PIN_TEST_SECRET": secret})
+    put, _, uri, env = prefix
+    put(f"{secret}/1.jsonl", jsonl(ROWS[:5]))
+    put(f"a-{secret}.jsonl", jsonl(ROWS[5:10]))
+    put("b.jsonl", jsonl(ROWS[10:15]))
+    first = load_select(uri, tmp_path, env, "all")
+    record = safe_json.loads(artifact_json({"train": first.pin}))  # as run.json holds it
+    assert secret not in json.dumps(record) and {f["key"] for f in record["train"]["files"]} == {
+        "***/1.jsonl", "a-***.jsonl", "b.jsonl"}
+    put("a.jsonl", jsonl(ROWS[15:20]))  # landed since: not read by the retry
+    shutil.rmtree(tmp_path / "work")
+    again = load_select(uri, tmp_path, env, "all", pinned=record)
+    assert [f.key for f in again.files] == [f.key for f in first.files] and again.sha256 == first.sha256
+    assert [r["id"] for r in again.rows] == [r["id"] for r in first.rows]

@@ -140,3 +140,41 @@ def test_a_panic_that_is_not_an_exception_still_ends_in_one_line(tmp_path, tiny_
     result = run_job(env, module="tests.support.killer", args=("raise:evaluate@1",))
     one_line_error(result, 1, "unexpected error: Panic: injected panic at evaluate")
     assert result.event("failed")[0]["traceback"]  # the traceback is kept, inside the JSON line
+
+
+def test_a_model_with_nan_weights_is_never_published_or_promoted(tmp_path, tiny_model):
+    """A base model with one NaN weight trains to NaN everywhere. It used to log a loss of 0.0, exit 0 and
+    become a fresh channel's first model; now: exit 2 with one line, the loss shown as it is, nothing published."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = Path(shutil.copytree(tiny_model, tmp_path / "nan-model"))
+    weights = load_file(base / "model.safetensors")
+    name = next(k for k in sorted(weights) if k.endswith("LayerNorm.weight"))
+    weights[name][0] = float("nan")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    result = run_job(job_env(tmp_path, base, QA_CHANNEL="prod", QA_MAX_STEPS="2", QA_LOGGING_STEPS="1",
+                             QA_CHECKPOINT_STEPS="0", QA_MAX_EVAL_SAMPLES="4"))
+    one_line_error(result, 2, "training diverged")
+    assert "weights are NaN or infinite after step 2" in result.stderr and "QA_RUN_ID" in result.stderr
+    for line in result.stdout.splitlines():  # strict JSON: Python's reader would take a bare NaN
+        json.loads(line, parse_constant=lambda word: pytest.fail(f"not JSON: {word} in {line}"))
+    assert [p["loss"] for p in result.event("progress")] == ["nan", "nan"]  # it read 0.0
+    assert result.event("nonfinite_loss")[0]["step"] == 1
+    assert not result.event("eval") and not result.event("published") and not result.event("promotion")
+    run = tmp_path / "out" / "test-run"
+    assert not (run / "COMPLETE").exists() and not (run / "model").exists() and not (run / "metrics.json").exists()
+    assert not (tmp_path / "out" / "channels").exists()  # no pointer, no history
+
+
+def test_a_full_disk_during_the_teacher_pass_exits_75_not_with_a_bus_error(tmp_path, tiny_model, mounted):
+    """The teacher's logits are a memory-mapped file: a page the full disk had no room for killed the job with
+    SIGBUS (exit 135), no error line, no failed event. Its space is reserved up front now."""
+    work = mounted("work", "size=16m")
+    env = job_env(tmp_path, tiny_model, QA_WORK_DIR=work, QA_TEACHER_MODEL=tiny_model, QA_MAX_STEPS="1",
+                  QA_MAX_EVAL_SAMPLES="4", QA_CHECKPOINT_STEPS="0", QA_REPORT_TO="none")
+    result = run_job(env, module="tests.support.killer", args=("fill:teacher_score@1=8192",))  # room for 2 pages
+    one_line_error(result, 75, "no space left on the local disk")
+    assert "logits.npy" in result.stderr and not result.event("teacher_logits")
+    assert not [p for p in work.rglob("*") if ".tmp" in p.name], "the half-made logits file is removed"

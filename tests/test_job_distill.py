@@ -38,13 +38,14 @@ def teacher_run(out, run_id, model, nudge=0.0):
 
 def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     """The resumed run's teacher is a channel's (the tiny model, by content the reference's teacher); the
-    channel moves to another model while the run is down, and the retry keeps the teacher it started with."""
-    from tests.support.runs import operator
+    channel moves on two nights while the run is down, and its retention (one run kept) would prune the
+    teacher's model; the retry keeps the teacher it started with, whose model retention kept for it."""
+    from tests.support.runs import gate
 
     out = tmp_path / "out"
-    teacher_run(out, "teacher-1", tiny_model)
-    teacher_run(out, "teacher-2", tiny_model, nudge=0.01)
-    assert operator(out, "promote", "--channel", "teachers", "--run", "teacher-1") == 0
+    for n, nudge in ((1, 0.0), (2, 0.01), (3, 0.02)):
+        teacher_run(out, f"teacher-{n}", tiny_model, nudge=nudge)
+    assert gate(out, "teacher-1", "teachers", QA_KEEP_RUNS="1")["decision"] == "promote"
 
     def env(run_id, work, **teacher):
         return job_env(tmp_path, tiny_model, QA_RUN_ID=run_id, QA_OUTPUT_URI=str(out), QA_WORK_DIR=str(tmp_path / work),
@@ -63,7 +64,11 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     committed = {int(p.parent.name.split("-")[1]) for p in (out / "resumed" / "checkpoints").glob("*/COMMIT.json")}
     assert committed and not (out / "resumed" / "model").exists()
     assert killed.event("teacher")[0]["run"] == "teacher-1"
-    assert operator(out, "promote", "--channel", "teachers", "--run", "teacher-2") == 0
+    student = out / "channels" / "teachers" / "students" / "resumed.json"
+    assert json.loads(student.read_text()) == {"run_id": "resumed", "from_run": "teacher-1"}
+    for night in ("teacher-2", "teacher-3"):  # teacher-1 leaves the channel's history window (QA_KEEP_RUNS=1)
+        assert gate(out, night, "teachers", QA_KEEP_RUNS="1")["decision"] == "promote"
+    assert (out / "teacher-1" / "model" / "model.safetensors").is_file()  # its retry exited 2: the model was pruned
 
     # a fresh machine: the checkpoint, the features and the teacher's logits come from storage; the teacher
     # is the run the first attempt pinned, not the channel's new holder
@@ -77,6 +82,7 @@ def test_a_distilled_run_killed_resumes_bit_for_bit(tmp_path, tiny_model):
     for name in weights:
         assert torch.equal(weights[name], ref_weights[name]), name
     assert answers == ref_answers and manifest["distillation"]["logits_cache"] == "remote"
+    assert not student.exists()  # complete: teacher-1 is the channel's retention's business again
 
 
 def test_a_teacher_that_is_not_a_qa_model_is_exit_2_before_the_run_folder_is_bound(tmp_path, tiny_model):

@@ -17,7 +17,7 @@ PACKAGE = ROOT / "job"
 
 # bottom first; a node may import its own modules and anything on a lower layer, nothing else
 LAYERS = [
-    ["job.errors", "job.rows", "job.squad"],
+    ["job.errors", "job.rows", "job.safe_json", "job.squad"],
     ["job.runtime"],
     ["job.store", "job.formats"],
     ["job.evaluate"],
@@ -31,7 +31,7 @@ LAYERS = [
     ["job.demo"],
 ]
 # Pure layers: they import nothing of the job's but each other (and the exception types).
-PURE = ("job.errors", "job.squad.", "job.channels.gate", "job.store.locations", "job.store.fingerprint",
+PURE = ("job.errors", "job.safe_json", "job.squad.", "job.channels.gate", "job.store.locations", "job.store.fingerprint",
         "job.observe.redaction")
 # What a user types, and the class the README names: they must stay where they are documented.
 ENTRY_POINTS = ("job.__main__", "job.answer", "job.channel", "job.launch", "job.demo")

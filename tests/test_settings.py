@@ -156,3 +156,81 @@ def test_train_selection_has_one_spelling_and_is_in_the_fingerprint():
     assert s.train_select == "newest:7"
     plain = load_settings({"QA_TRAIN_URI": "s3://bucket/drops/"})
     assert digest(training_inputs(s, "t", "e")) != digest(training_inputs(plain, "t", "e"))
+
+
+# Every duration the job waits on: a field ending in _seconds or _minutes, plus the retry count
+# that multiplies the backoff. A duration field added later without a ceiling fails here.
+_DURATIONS = sorted(f for f in __import__("job.settings").settings.Settings.model_fields
+                    if f.endswith(("_seconds", "_minutes"))) + ["storage_attempts"]
+
+
+def test_the_duration_table_covers_the_known_durations():
+    assert {"stop_grace_seconds", "lease_seconds", "storage_backoff_seconds", "storage_timeout_seconds",
+            "checkpoint_minutes", "storage_attempts"} <= set(_DURATIONS)
+
+
+@pytest.mark.parametrize("field", _DURATIONS)
+def test_every_duration_is_bounded_and_named(field):
+    # QA_STOP_GRACE_SECONDS=1e10 was accepted, and every run then died with OverflowError after training
+    for huge in ("1e10", "1e300", "9223372037"):
+        msg = problems({f"QA_{field.upper()}": huge})
+        assert f"QA_{field.upper()}:" in msg, msg
+
+
+def test_the_longest_grace_allowed_waits_without_overflow():
+    """What the grace feeds (the upload wait, the stop deadline) takes the largest value settings accept."""
+    import threading
+
+    from job.runtime.preemption import StopRequest
+    from job.settings import MAX_GRACE_SECONDS, MAX_LEASE_SECONDS
+    from job.store.uploader import Uploader
+
+    s = load_settings({"QA_STOP_GRACE_SECONDS": str(MAX_GRACE_SECONDS), "QA_LEASE_SECONDS": str(MAX_LEASE_SECONDS),
+                       "QA_CHECKPOINT_MINUTES": "10080", "QA_STORAGE_ATTEMPTS": "100"})
+    release = threading.Event()
+    uploader = Uploader(lambda step, folder: release.wait(5), 0.0)
+    uploader.submit(1, __import__("pathlib").Path("/nonexistent-checkpoint"))
+    threading.Timer(0.2, release.set).start()
+    assert uploader.close(s.stop_grace_seconds)  # Event.wait(1e10) raised OverflowError here
+    stop = StopRequest(s.stop_grace_seconds, on_deadline=lambda _: None)
+    stop.request("test")
+    assert 0 < stop.time_left() <= MAX_GRACE_SECONDS and stop.wait(0)
+
+
+@pytest.mark.parametrize("grace, expected", [
+    (None, "150"), ("5", "35"), ("86400", "86430"),
+    # the workers refuse these with exit 2; the launcher must not die on them first (inf: OverflowError)
+    ("inf", "150"), ("1e400", "150"), ("nan", "150"), ("x", "150"), ("1e10", "150"), ("-3", "150"),
+])
+def test_the_launcher_gives_torchrun_the_grace_without_crashing(grace, expected):
+    from job import launch
+    from job.settings import MAX_GRACE_SECONDS
+
+    assert launch.shutdown_timeout(grace) == expected
+    assert launch._MAX_GRACE == MAX_GRACE_SECONDS  # one ceiling, stated twice (launch sits beside settings)
+
+
+@pytest.mark.parametrize("value", ["1e-46", "0.05", "0", "101", "1e300"])
+def test_a_distillation_temperature_that_breaks_the_loss_is_refused(value):
+    # 1e-46 was accepted: NaN weights, a logged loss of 0.0, exit 0, and a fresh channel promoted the model
+    assert "QA_DISTILL_TEMPERATURE:" in problems({"QA_TEACHER_MODEL": "t", "QA_DISTILL_TEMPERATURE": value})
+
+
+def test_the_trainer_does_not_hide_a_non_finite_loss():
+    from job.train import training_arguments
+    from job.runtime.recipe import Recipe
+
+    s = load_settings({"QA_DEVICE": "cpu", "QA_REPORT_TO": "none"})
+    args = training_arguments(s, "/tmp/unused-trainer-dir", "fp32", Recipe(False, False, False, False, 0, None))
+    assert args.logging_nan_inf_filter is False  # its default logged a diverged run's loss as 0.0
+
+
+@pytest.mark.parametrize("field", ["QA_RUN_ID", "QA_OUTPUT_URI", "QA_WORK_DIR", "QA_CHANNEL", "QA_TEACHER_CHANNEL"])
+def test_a_credential_in_a_name_that_becomes_an_object_key_is_refused(field):
+    """Artifacts mask a credential; an object's own key cannot be masked, so such a name is refused at start."""
+    from job.observe.redaction import register_secrets
+
+    register_secrets({"NAME_TEST_TOKEN": "nameTok7361x"})
+    value = {"QA_OUTPUT_URI": "s3://bucket/nameTok7361x/runs", "QA_WORK_DIR": "/scratch/nameTok7361x"}.get(field, "nightly-nameTok7361x")
+    msg = problems({field: value})
+    assert f"{field}: holds a credential" in msg and "nameTok7361x" not in msg

@@ -21,20 +21,27 @@ Nothing read here is trusted: a pointer or history entry of the wrong shape is a
 """
 from __future__ import annotations
 
-import json
 import logging
+import re
 import uuid
 from dataclasses import dataclass
 
+from job import safe_json
 from job.channels.pointer import encode
 from job.channels.pointer import problem as pointer_problem
 from job.errors import ConfigError, DataError, StorageUnavailable
+from job.observe.redaction import artifact_json
 from job.store.locations import UnsafeName, check_channel_name, is_run_id
 from job.store.storage import LocalStorage, NotFound, NotImplementedByStore, PreconditionFailed, Storage
 
 log = logging.getLogger(__name__)
 PREFIX = "channels/"
 MAX_TRIES = 5  # compare-and-swap attempts before giving up (exit 75: a rerun tries again)
+
+
+# What this job names a history entry: <seq>.json, ASCII digits, no leading zero. str.isdigit() took
+# "²" for a digit, and int("²") then failed every command of the channel with exit 1.
+_HISTORY_ENTRY = re.compile(r"(0|[1-9][0-9]{0,17})\.json")
 
 
 class CorruptPointer(DataError):
@@ -93,6 +100,7 @@ class Channel:
         self.key = f"{PREFIX}{name}.json"
         self.where = f"{store.uri}/{self.key}"
         self._probed = False
+        self._stray_said = False  # channel_history_ignored: once per command or night, not once per listing
 
     # ------------------------------------------------------------------ reading
     def read(self) -> Version | None:
@@ -112,7 +120,7 @@ class Channel:
 
     def parse(self, raw: bytes, where: str) -> dict:
         try:
-            pointer = json.loads(raw)
+            pointer = safe_json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             raise CorruptPointer(f"{where} is not JSON; nothing was moved (restore it from the channel's history, "
                                  "see README 'Nightly retraining and channels')") from None
@@ -128,12 +136,19 @@ class Channel:
                 for seq in self.history_seqs()]
 
     def history_seqs(self) -> list[int]:
+        """The seqs of the history entries, in order; any other file in the history folder is ignored, and said once."""
         prefix = f"{PREFIX}{self.name}/history/"
-        seqs = []
+        seqs, stray = [], []
         for key in self.store.list(prefix):
-            stem = key[len(prefix):].removesuffix(".json")
-            if stem.isdigit() and key.endswith(".json") and str(int(stem)) == stem:
-                seqs.append(int(stem))
+            match = _HISTORY_ENTRY.fullmatch(key[len(prefix):])
+            if match:
+                seqs.append(int(match[1]))
+            else:
+                stray.append(key[len(prefix):])
+        if stray and not self._stray_said:
+            self._stray_said = True
+            log.warning("files that are not history entries ignored in a channel's history folder", extra={
+                "event": "channel_history_ignored", "channel": self.name, "count": len(stray), "files": stray[:20]})
         return sorted(seqs)
 
     def next_seq(self, current: dict | None) -> int:
@@ -239,23 +254,43 @@ class Channel:
 
     # ------------------------------------------------------------------ runs gated for the channel
     def record_run(self, run_id: str, record: dict) -> None:
-        self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", json.dumps(record, indent=1, sort_keys=True).encode())
+        self.store.put_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json", artifact_json(record, indent=1, sort_keys=True))
 
+    # Models that runs not complete yet still need: starts/<run>.json names a warm-started run's start
+    # model (a run of this channel's), students/<run>.json the teacher run a distilled run pinned from
+    # this channel. Retention keeps those models while the run is in flight (job.channels.retention).
     def record_start(self, run_id: str, from_run: str) -> None:
         """Run ``run_id`` (not complete yet) starts from ``from_run``'s model: retention keeps that model."""
-        self.store.put_bytes(f"{PREFIX}{self.name}/starts/{run_id}.json",
-                             json.dumps({"run_id": run_id, "from_run": from_run}).encode())
+        self._record_need("starts", run_id, from_run)
 
     def forget_start(self, run_id: str) -> None:
         self.store.delete(f"{PREFIX}{self.name}/starts/{run_id}.json")
 
     def starts(self) -> dict[str, str]:
         """``{run id: the run whose model it starts from}`` for every start record (unusable ones skipped)."""
-        prefix, out = f"{PREFIX}{self.name}/starts/", {}
+        return self._needs("starts")
+
+    def record_student(self, run_id: str, teacher_run: str) -> None:
+        """Run ``run_id`` (not complete yet) learns from ``teacher_run``'s model: retention keeps that model."""
+        self._record_need("students", run_id, teacher_run)
+
+    def forget_student(self, run_id: str) -> None:
+        self.store.delete(f"{PREFIX}{self.name}/students/{run_id}.json")
+
+    def students(self) -> dict[str, str]:
+        """``{run id: the teacher run it pinned}`` for every student record (unusable ones skipped)."""
+        return self._needs("students")
+
+    def _record_need(self, folder: str, run_id: str, model_run: str) -> None:
+        self.store.put_bytes(f"{PREFIX}{self.name}/{folder}/{run_id}.json",
+                             artifact_json({"run_id": run_id, "from_run": model_run}))
+
+    def _needs(self, folder: str) -> dict[str, str]:
+        prefix, out = f"{PREFIX}{self.name}/{folder}/", {}
         for key in self.store.list(prefix):
             run_id = key[len(prefix):].removesuffix(".json")
             try:
-                record = json.loads(self.store.get_bytes(key)[0])
+                record = safe_json.loads(self.store.get_bytes(key)[0])
             except (NotFound, ValueError, UnicodeDecodeError):
                 continue
             if is_run_id(run_id) and isinstance(record, dict) and is_run_id(record.get("from_run")):
@@ -265,7 +300,7 @@ class Channel:
     def run_record(self, run_id: str) -> dict | None:
         """The channel's record of one gated run, or None (missing or unusable)."""
         try:
-            record = json.loads(self.store.get_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json")[0])
+            record = safe_json.loads(self.store.get_bytes(f"{PREFIX}{self.name}/runs/{run_id}.json")[0])
         except (NotFound, ValueError, UnicodeDecodeError):
             return None
         return record if isinstance(record, dict) and record.get("run_id") == run_id else None
@@ -279,7 +314,7 @@ class Channel:
             if not is_run_id(run_id):
                 continue
             try:
-                record = json.loads(self.store.get_bytes(key)[0])
+                record = safe_json.loads(self.store.get_bytes(key)[0])
             except (NotFound, ValueError, UnicodeDecodeError):
                 continue
             if isinstance(record, dict) and record.get("run_id") == run_id and isinstance(record.get("decided_at"), str):

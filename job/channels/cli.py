@@ -9,13 +9,13 @@ stderr and an exit code from the README table; nothing moves on an error.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from job.channels.channel import Channel, CorruptPointer, Version
 from job.channels.pointer import encode, next_version, now, published_run
 from job.errors import EXIT_OK, ConfigError
 from job.observe.console import run_command_line
+from job.observe.redaction import artifact_json
 
 PROGRAM = "qa-finetune channel"
 COMMANDS = ("show", "history", "promote", "rollback", "hold", "release")
@@ -39,7 +39,7 @@ def main(argv=None, environ=None) -> int:
     code, result = run_command_line(PROGRAM, lambda: run_command(args))
     if code != EXIT_OK:
         return code
-    print(json.dumps(result, indent=1))
+    print(artifact_json(result, indent=1).decode())
     return EXIT_OK
 
 

@@ -22,6 +22,7 @@ The bootstrap seed is fixed, so the same scores always give the same decision.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,6 +67,9 @@ def decide(candidate: dict[str, dict], holder: dict[str, dict] | None, policy: G
     out = {"metric": metric, "floor": policy.floor, "max_drop": policy.max_drop, "examples": len(candidate),
            "candidate": _round(cand_mean), "holder": None, "mean_difference": None, "interval": None,
            "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": SEED}
+    if not math.isfinite(cand_mean):  # NaN < floor is False: a NaN score would have passed the floor
+        return {**out, "candidate": None, "promote": False, "reason": "not_finite",
+                "message": f"{metric} is not a finite number; a model scored so is never promoted"}
     if holder is not None:
         missing = sorted(set(candidate) ^ set(holder))
         if missing:

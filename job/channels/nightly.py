@@ -14,7 +14,6 @@ starting point even if the pointer moved meanwhile.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pathlib import Path
 from job.channels.channel import Channel, open_channel
 from job.channels.pointer import now
 from job.errors import ConfigError
+from job.observe.redaction import artifact_json
 from job.publish import run_record
 from job.store.fingerprint import BASE_INIT, recipe, training_inputs
 from job.store.storage import NotFound
@@ -65,7 +65,7 @@ def plan(ctx, train_split, eval_split, base_model: str | None = None, teacher: s
                       "reason": "unchanged", "same_as": same, "same_as_decision": decided, "recipe": tonight,
                       "message": message, "train_sha256": train_split.sha256, "eval_sha256": eval_split.sha256}
             if ctx.ranks.is_writer:
-                ctx.store.put_bytes(DECISION, json.dumps(record, indent=1).encode())
+                ctx.store.put_bytes(DECISION, artifact_json(record, indent=1))
             log.info(message, extra={"event": "unchanged", "channel": settings.channel, "same_as": same,
                                      "same_as_decision": decided, "recipe": tonight})
             return Night(init, unchanged=True)

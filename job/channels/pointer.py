@@ -7,10 +7,11 @@ check applied to every pointer and history entry read from storage.
 """
 from __future__ import annotations
 
-import json
 import time
 
+from job import safe_json
 from job.errors import ConfigError
+from job.observe.redaction import artifact_json
 from job.store.fingerprint import eval_fingerprint, recipe
 from job.store.locations import is_run_id, join
 from job.store.storage import NotFound, Storage
@@ -25,7 +26,7 @@ def now() -> str:
 
 
 def encode(pointer: dict) -> bytes:
-    return json.dumps(pointer, indent=1, sort_keys=True).encode()
+    return artifact_json(pointer, indent=1, sort_keys=True)
 
 
 def published_run(root: Storage, run_id: str) -> dict:
@@ -47,9 +48,9 @@ def published_run(root: Storage, run_id: str) -> dict:
     try:
         root.size(f"{run_id}/{name}")
         name = "metrics.json"
-        metrics = json.loads(root.get_bytes(f"{run_id}/{name}")[0])
+        metrics = safe_json.loads(root.get_bytes(f"{run_id}/{name}")[0])
         name = "run.json"
-        record = json.loads(root.get_bytes(f"{run_id}/{name}")[0])
+        record = safe_json.loads(root.get_bytes(f"{run_id}/{name}")[0])
     except NotFound:
         raise ConfigError(f"run {run_id!r} has no {name} (its model is deleted by retention once it is old and no "
                           "longer in the channel's recent history): nothing was moved") from None

@@ -21,15 +21,16 @@ a rerun of the same run for another channel is gated for that channel.
 """
 from __future__ import annotations
 
-import json
 import logging
 
+from job import safe_json
 from job.channels import gate
 from job.channels.channel import MAX_TRIES, ChannelBusy, open_channel
 from job.channels.nightly import DECISION
 from job.channels.pointer import next_version, now, published_run
 from job.data import load_split
 from job.errors import DataError
+from job.observe.redaction import artifact_json
 from job.publish import pinned_data, run_record
 from job.rows import SCORED, each
 from job.squad.metrics import per_example_scores
@@ -95,7 +96,7 @@ def promote(ctx) -> None:
 
 def write_decision(ctx, channel, record: dict) -> None:
     """The decision, before it is acted on: in the run folder, and in the channel's record of runs."""
-    ctx.store.put_bytes(DECISION, json.dumps(record, indent=1).encode())
+    ctx.store.put_bytes(DECISION, artifact_json(record, indent=1))
     summary = {k: record[k] for k in ("run_id", "channel", "decided_at", "decision", "reason", "message", "seq")}
     channel.record_run(record["run_id"], {**summary, **record["candidate"], "metric": record["gate"]["candidate"]})
 
@@ -159,7 +160,7 @@ def _eval_rows(settings, store):
 
 def _predictions(store, key: str, run_id: str) -> dict[str, str]:
     try:
-        value = json.loads(store.get_bytes(key)[0])
+        value = safe_json.loads(store.get_bytes(key)[0])
     except NotFound:
         raise DataError(f"run {run_id}: {key} is missing") from None
     except (ValueError, UnicodeDecodeError):
@@ -171,7 +172,7 @@ def _predictions(store, key: str, run_id: str) -> dict[str, str]:
 
 def _read_json(store, key: str):
     try:
-        return json.loads(store.get_bytes(key)[0])
+        return safe_json.loads(store.get_bytes(key)[0])
     except (NotFound, ValueError, UnicodeDecodeError):
         return None
 

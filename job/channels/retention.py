@@ -4,8 +4,8 @@
 checkpoints and feature caches, and their model too unless it is protected. A model is protected
 when *any* channel on this output needs it: its holder, every run named (as holder, previous
 holder or rollback target) by its last ``QA_KEEP_RUNS`` history entries, so a rollback always
-finds its model, and the starting model of each of its warm-started runs not yet complete, so a
-retry finds it. A run promoted by hand from one channel to another is thus kept for both. If a
+finds its model, the starting model of each of its warm-started runs not yet complete, and the
+teacher run each distilled run not yet complete pinned from it, so a retry finds them. A run promoted by hand from one channel to another is thus kept for both. If a
 channel's pointer or history cannot be read, no model is deleted that night.
 
 Their small records stay (``metrics.json``, ``predictions.json``, ``manifest.json``, ``run.json``,
@@ -21,11 +21,11 @@ those folders again.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from job.channels.channel import Channel, CorruptPointer, channel_names
 from job.channels.pointer import now
+from job.observe.redaction import artifact_json
 from job.store.lease import KEY as LEASE
 from job.store.storage import NotFound
 
@@ -57,7 +57,7 @@ def prune(ctx, channel) -> None:
     decision = {"decided_at": now(), "keep_runs": keep, "kept": [r["run_id"] for r in records[-keep:]],
                 "protected_models": sorted(protected) if protected is not None else "all (a channel could not be read)",
                 "in_flight": untouched, "prune": plan}
-    ctx.store.put_bytes("retention.json", json.dumps(decision, indent=1).encode())
+    ctx.store.put_bytes("retention.json", artifact_json(decision, indent=1))
     log.info("pruning old runs of the channel", extra={"event": "retention", "channel": channel.name, **decision})
     ctx.lease.verify()
     by_id = {r["run_id"]: r for r in older}
@@ -92,7 +92,9 @@ def protected_models(store, keep: int) -> set[str] | None:
             log.warning("a channel on this output cannot be read: no model is deleted tonight",
                         extra={"event": "retention_models_kept", "channel": name, "reason": str(exc)[:200]})
             return None
-        names |= {start for run_id, start in channel.starts().items() if in_flight(store, run_id)}
+        # a warm-started run's start model and a distilled run's pinned teacher, while that run is in flight
+        needed = [*channel.starts().items(), *channel.students().items()]  # one run may be both
+        names |= {model for run_id, model in needed if in_flight(store, run_id)}
     return names
 
 

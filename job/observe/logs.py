@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 
@@ -35,7 +36,22 @@ class JsonFormatter(logging.Formatter):
             entry["exception"] = self.formatException(record.exc_info).splitlines()[-1]
         # every line, ours and the libraries', passes here: secrets are removed from the values,
         # before serializing, so no secret can change the line's structure
-        return json.dumps(redact(entry), default=str)
+        return json.dumps(strict_json(redact(entry)), default=str)
+
+
+def strict_json(value):
+    """``value`` with every NaN or infinite float spelled as a string ("nan", "inf", "-inf").
+
+    json.dumps writes them as the bare words NaN and Infinity, which are not JSON: a line with a
+    diverged loss would be dropped by every strict reader, just when it matters most.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def resolve_format(setting: str, stream=None) -> str:

@@ -6,11 +6,12 @@ hub id, never by a path on the machine that trained it.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from job import safe_json
 from job.observe.curves import FILENAME as CURVES
+from job.observe.redaction import redact_text
 from job.store.locations import is_s3
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}(/[\w.-]{1,96})?")
@@ -34,7 +35,7 @@ def base_model(model_name: str) -> tuple[str | None, str]:
             return hub_id, f"`{hub_id}`"
     kind, origin = "", None
     try:
-        config = json.loads((path / "config.json").read_text())
+        config = safe_json.loads((path / "config.json").read_text())
         kind = f"{config.get('model_type')} " if isinstance(config.get("model_type"), str) else ""
         named = config.get("_name_or_path")
         if isinstance(named, str) and _HUB_ID.fullmatch(named) and not named.startswith("."):
@@ -70,10 +71,13 @@ def _distilled(distillation: dict | None) -> str:
 def write_card(path: Path, settings, metrics: dict, context: dict) -> None:
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+    # the card is text, not JSON: what it shows of names and paths is redacted here, before the YAML
+    # is written (a mask spliced into YAML afterwards could turn a value into an alias)
     hub_id, base_prose = base_model(settings.model_name)
+    hub_id = redact_text(hub_id) if hub_id else hub_id
     data = context.get("data", {})
-    eval_type, eval_name, eval_split = _dataset(data.get("eval", {}), settings, "eval")
-    train_type, train_name, _ = _dataset(data.get("train", {}), settings, "train")
+    eval_type, eval_name, eval_split = (redact_text(v) if v else v for v in _dataset(data.get("eval", {}), settings, "eval"))
+    train_type, train_name, _ = (redact_text(v) if v else v for v in _dataset(data.get("train", {}), settings, "train"))
     results = [EvalResult(task_type="question-answering", task_name="Extractive Question Answering",
                           dataset_type=eval_type, dataset_name=eval_name, dataset_split=eval_split,
                           dataset_config=settings.dataset_config if eval_type != "custom" else None,
@@ -84,7 +88,7 @@ def write_card(path: Path, settings, metrics: dict, context: dict) -> None:
         tags=["question-answering", "extractive-qa", "squad_v2" if settings.squad_v2 else "squad"],
         datasets=sorted({t for t in (train_type, eval_type) if t != "custom"}) or None, eval_results=results,
     )
-    body = _body(settings, metrics, context, base_prose, train_name, eval_name)
+    body = redact_text(_body(settings, metrics, context, base_prose, train_name, eval_name))
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(path)
 
 

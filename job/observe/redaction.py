@@ -1,5 +1,12 @@
 """Secrets never leave the process: one redaction every log line, error line and artifact passes through.
 
+Artifacts are written through ``artifact_json`` (every JSON object the job publishes or records in
+storage: run.json, manifest.json, metrics, predictions, channel pointers and records, decisions)
+and the model card through ``redact_text``: a credential inside a data file's key or a teacher's
+path is masked there as in the logs. What cannot be masked is refused at start instead
+(``job.settings``): a credential inside a name that becomes an object's key (the run id, the
+output prefix, a channel).
+
 Two kinds of secret are removed. Credentials embedded in a URL (``https://user:pass@host``,
 ``s3://key:secret@bucket``) anywhere in a text. And the values of the credential variables of
 this process's environment (``AWS_SECRET_ACCESS_KEY``, tokens, passwords), registered once at
@@ -13,6 +20,8 @@ A credential variable's value counts as a secret only when it could be one (``co
 """
 from __future__ import annotations
 
+import json
+import math
 import re
 import threading
 
@@ -73,3 +82,29 @@ def redact(value):
     if value is None or isinstance(value, (bool, int, float)):
         return value
     return redact_text(str(value))
+
+
+def holds_secret(text: str) -> bool:
+    """Whether ``text`` holds a credential (in a URL's userinfo, or a registered value)."""
+    return redact_text(text) != text
+
+
+def artifact_json(value, *, indent: int | None = None, sort_keys: bool = False, ensure_ascii: bool = True) -> bytes:
+    """The bytes of a JSON artifact: every string redacted (keys included) and every NaN or infinite number null.
+
+    The one encoder of what the job writes for others to read. Redacting values, never the text,
+    keeps the document JSON whatever a secret looks like; a non-finite number would be written as
+    the bare word NaN, which no strict JSON reader takes (a diverged metric says null instead).
+    """
+    return json.dumps(_finite(redact(value)), indent=indent, sort_keys=sort_keys, ensure_ascii=ensure_ascii,
+                      allow_nan=False).encode()
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from job import safe_json
 from job.errors import StorageUnavailable
 from job.runtime.ranks import StepVote
 from job.store.locations import UnsafeName, check_name, confine
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 PREFIX = "checkpoints/"
 MARKER = "COMMIT.json"
 NODES = "nodes/"  # per-node parts of a multi-node checkpoint, inside its folder
-_NAME = re.compile(r"checkpoint-(\d+)")
+_NAME = re.compile(r"checkpoint-(0|[1-9][0-9]{0,17})")  # ASCII digits only: \d also matches "١" (int() reads it as 1)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 PART_WAIT_SECONDS = 300.0  # how long rank 0 waits for the other nodes' parts of one checkpoint
 _STATE = ("trainer_state.json", "training_args.bin")  # training state among the model-looking files
@@ -71,7 +72,7 @@ def describe(folder: Path) -> dict[str, dict]:
 def read_marker(raw: bytes, step: int) -> dict[str, dict]:
     """The ``{name: {size, sha256}}`` a commit marker lists; ValueError for anything malformed or unsafe."""
     try:
-        doc = json.loads(raw)
+        doc = safe_json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ValueError("marker is not JSON") from None
     files = doc.get("files") if isinstance(doc, dict) else None
@@ -151,7 +152,7 @@ class CheckpointSync:
             time.sleep(0.5)
         for key in sorted(wanted):
             try:
-                part = json.loads(self.store.get_bytes(key)[0])
+                part = safe_json.loads(self.store.get_bytes(key)[0])
                 files = part["files"]
                 for name, meta in files.items():
                     check_name(name)

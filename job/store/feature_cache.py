@@ -18,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from job import safe_json
 from job.store.files import atomic_write
 from job.store.storage import NotFound, sha256_file
 
@@ -62,7 +63,7 @@ def upload(store, local: Path, remote: str, layout: Layout = FEATURES) -> None:
 def _listed(raw: bytes, layout: Layout) -> dict | None:
     """The manifest's ``{name: {size, sha256}}`` for exactly the expected names, or None."""
     try:
-        manifest = json.loads(raw)
+        manifest = safe_json.loads(raw)
         if set(manifest) != set(layout.names):
             return None
         for meta in manifest.values():

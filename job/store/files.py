@@ -22,9 +22,10 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
-import uuid
+import shutil
 from pathlib import Path
+
+from job.store.scratch import temp_path
 
 # where a filesystem has no hard links (FAT, some FUSE and SMB mounts), create_new falls back
 # to a check and a rename under the file's lock, which all of this job's writers take
@@ -67,7 +68,7 @@ def writing(path: Path, durable: bool = False):
 
     ``durable``: fsync the file and the folder too (a file a commit marker will vouch for).
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # ranks of a node may race
+    tmp = temp_path(path)  # this process's own name (ranks of a node may race), swept if it dies (job.store.scratch)
     try:
         yield tmp
         if durable:
@@ -81,6 +82,56 @@ def writing(path: Path, durable: bool = False):
             _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing_folder(path: Path):
+    """Yield a temporary folder beside ``path``, renamed into its place (replacing it) on success, removed on failure:
+    a folder filled file by file (staged results) is there whole or not at all, whenever the process dies."""
+    tmp = temp_path(path)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        _sync_folder(path.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def reserved_array(path: Path, shape: tuple[int, ...], dtype):
+    """A new ``.npy`` file at ``path``, memory-mapped for writing, with every block of it reserved on disk first.
+
+    A store into a page of a sparse file that the disk has no room for is not an error a call can
+    return: the kernel sends SIGBUS and the process dies (exit 135, no error line, no ``failed``
+    event). ``posix_fallocate`` takes the blocks up front, so a full disk is an ``OSError``
+    (ENOSPC, exit 75) here, before any page is touched.
+    """
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                                                 "shape": tuple(int(n) for n in shape)})
+        _reserve(f, f.tell() + int(np.prod(shape)) * dtype.itemsize, path)
+    return np.lib.format.open_memmap(path, mode="r+")
+
+
+def _reserve(f, size: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+        return
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):
+            raise
+    # no fallocate on this filesystem: write the zeros, which reserves the blocks as surely (ENOSPC on write)
+    f.seek(0, os.SEEK_END)
+    zeros = bytes(1 << 20)
+    while f.tell() < size:
+        f.write(zeros[:size - f.tell()])
+    f.flush()
 
 
 @contextlib.contextmanager
@@ -111,7 +162,8 @@ def file_lock(path: Path):
 
 
 def _temp_copy(path: Path, data: bytes) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -36,6 +36,7 @@ import time
 import uuid
 from pathlib import Path
 
+from job import safe_json
 from job.errors import RunLocked, StorageDenied, StorageUnavailable
 from job.store.storage import NotFound, PreconditionFailed, Storage
 
@@ -304,7 +305,7 @@ def _file_identity(fd: int) -> str | None:
 
 def _parse(raw: bytes) -> dict:
     try:
-        value = json.loads(raw)
+        value = safe_json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         return {}
     return value if isinstance(value, dict) else {}

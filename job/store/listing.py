@@ -14,13 +14,18 @@ import datetime as dt
 import os
 import re
 import stat
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable
 
 from job.errors import DataError
 
 _KEY_DATE = re.compile(r"(?<!\d)(\d{4})([-_/]?)(\d{2})\2(\d{2})(?!\d)")  # 2026-11-30, 2026_11_30, 2026/11/30, 20261130
+# A file dated after today is a typo or a producer's bug (2099-01-01/...), not tonight's data: kept,
+# it would be "the newest" every night for decades. But clocks disagree by minutes: in the last
+# hour before midnight UTC a producer whose clock runs ahead may already date its file tomorrow,
+# so "after today" means after the UTC date an hour from now.
+CLOCK_SLACK = dt.timedelta(hours=1)
 _SELECT_HELP = "must be all, newest:N or days:D, optionally followed by :key or :modified (e.g. newest:7, days:30:modified)"
 
 
@@ -98,7 +103,27 @@ def key_date(key: str) -> dt.date | None:
 
 
 def modified_date(f: DataFile) -> dt.date:
-    return dt.datetime.fromtimestamp(f.modified, dt.timezone.utc).date()
+    try:
+        return dt.datetime.fromtimestamp(f.modified, dt.timezone.utc).date()
+    except (OverflowError, OSError, ValueError):  # a modification time past year 9999: as far ahead as dates go
+        return dt.date.max if f.modified > 0 else dt.date.min
+
+
+def file_date(f: DataFile, by: str) -> dt.date | None:
+    """What dates ``f`` for a selection: its key's date (None without one), or its modification's UTC date."""
+    return key_date(f.key) if by == "key" else modified_date(f)
+
+
+def dated_ahead(files: list[DataFile], selection: Selection, now: dt.datetime) -> list[DataFile]:
+    """The files a selection must not choose: dated after the UTC date of ``now`` + ``CLOCK_SLACK``.
+
+    Only a selection dates files (``all`` takes every file as it is); a key without a date has no
+    age to be wrong about, and ``newest:N`` by key then ranks it by its key as before.
+    """
+    if selection.mode == "all":
+        return []
+    latest = (now + CLOCK_SLACK).date()
+    return [f for f in files if (d := file_date(f, selection.by)) is not None and d > latest]
 
 
 def select(files: list[DataFile], selection: Selection, today: dt.date, source: str) -> list[DataFile]:
@@ -116,9 +141,7 @@ def select(files: list[DataFile], selection: Selection, today: dt.date, source: 
                 raise DataError(f"{source}: QA_TRAIN_SELECT={selection} dates each file by the date in its key, and "
                                 f"{len(undated)} have none ({', '.join(undated[:3])}); name them by date, or use "
                                 f"QA_TRAIN_SELECT={selection}:modified")
-            chosen = [f for f in files if key_date(f.key) >= first]
-        else:
-            chosen = [f for f in files if modified_date(f) >= first]
+        chosen = [f for f in files if file_date(f, selection.by) >= first]
     return sorted(chosen, key=lambda f: f.key)
 
 
@@ -144,6 +167,27 @@ def pinned(record, uri: str) -> list[DataFile] | None:
         return out or None
     except (TypeError, ValueError, AttributeError):
         return None
+
+
+def unmask(pinned_files: list[DataFile], listed: Iterable[DataFile], mask, masked: str) -> list[DataFile]:
+    """Pinned files whose key run.json keeps masked (it held a credential) back to the key they stand for.
+
+    ``mask`` is the redaction artifacts went through and ``masked`` its mark: a pinned key with the
+    mark in it matches the listed file whose key masks to it, with the pinned size (and ETag, on
+    S3). Anything else, or a match that is not unique, stays as pinned: reading it then fails as a
+    pinned file that is gone does, and the sha256 the pin holds is checked on every file read.
+    """
+    todo = [f for f in pinned_files if masked in f.key]
+    if not todo:
+        return list(pinned_files)
+    by_mask: dict[str, list[DataFile]] = {}
+    for f in listed:
+        by_mask.setdefault(mask(f.key), []).append(f)
+    out = []
+    for f in pinned_files:
+        found = [g for g in by_mask.get(f.key, []) if g.size == f.size and (not f.etag or g.etag == f.etag)]
+        out.append(replace(f, key=found[0].key) if masked in f.key and len(found) == 1 else f)
+    return out
 
 
 def _iso(seconds: float) -> str:

@@ -290,16 +290,9 @@ class S3Storage:
 
     def get_file(self, key: str, local: Path) -> None:
         local.parent.mkdir(parents=True, exist_ok=True)
-        tmp = local.with_name(f".{local.name}.part")
-
-        def fetch():
-            self.client.download_file(self.bucket, self._key(key), str(tmp))
-            os.replace(tmp, local)
-
-        try:
-            self._call(f"download {key}", fetch)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # a name of this process's own: two processes fetching to one path once shared ".<name>.part"
+        with writing(local) as tmp:
+            self._call(f"download {key}", lambda: self.client.download_file(self.bucket, self._key(key), str(tmp)))
 
     def put_bytes(self, key: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None) -> str:
         extra = {}

@@ -267,3 +267,45 @@ def test_corrupted_pointer_is_a_data_error_and_can_be_repaired(tmp_path, capsys)
     code, stdout, _ = cli(capsys, out, "promote", "--channel", "prod", "--run", "b", "--repair", "--reason", "fix")
     assert code == 0 and json.loads(stdout)["seq"] == 2 and json.loads(stdout)["previous"] == "a"
     assert [e["run_id"] for e in json.loads(cli(capsys, out, "history", "--channel", "prod")[1])] == ["a", "b"]
+
+
+def test_a_pointer_nested_100000_deep_is_corrupt_and_can_be_repaired(tmp_path, capsys):
+    """It was exit 1 with RecursionError for every command, and --repair could not tell it was corrupt."""
+    out = tmp_path / "out"
+    for run in ("a", "b"):
+        fake_run(LocalStorage(out), run)
+    assert cli(capsys, out, "promote", "--channel", "prod", "--run", "a")[0] == 0
+    (out / "channels" / "prod.json").write_bytes(b'{"a":' * 100_000 + b"1" + b"}" * 100_000)
+    for args in (("show",), ("promote", "--run", "b"), ("rollback",), ("hold",)):
+        code, _, err = cli(capsys, out, *args, "--channel", "prod")
+        assert code == EXIT_DATA, err
+        one_line(err, "channels/prod.json is not JSON; nothing was moved")
+    code, stdout, _ = cli(capsys, out, "promote", "--channel", "prod", "--run", "b", "--repair")
+    assert code == 0 and json.loads(stdout)["run_id"] == "b" and json.loads(stdout)["previous"] == "a"
+    assert cli(capsys, out, "show", "--channel", "prod")[0] == 0
+
+
+def test_stray_files_in_the_history_folder_are_ignored_with_a_warning(tmp_path, capsys, caplog):
+    """A file named ².json in history/ made every command of the channel exit 1 (int('²') after isdigit())."""
+    import logging
+
+    from job.channels.retention import protected_models
+
+    out = tmp_path / "out"
+    for run in ("a", "b"):
+        fake_run(LocalStorage(out), run)
+    assert cli(capsys, out, "promote", "--channel", "prod", "--run", "a")[0] == 0
+    history = out / "channels" / "prod" / "history"
+    stray = ["².json", "notes.txt", "007.json", "1.json.tmp", "sub/3.json", "-1.json", "١.json"]
+    for name in stray:
+        (history / name).parent.mkdir(parents=True, exist_ok=True)
+        (history / name).write_text('{"not": "an entry"}')
+    with caplog.at_level(logging.WARNING, logger="job.channels.channel"):
+        for args in (("promote", "--run", "b"), ("rollback",), ("hold",), ("release",), ("show",), ("history",)):
+            code, _, err = cli(capsys, out, *args, "--channel", "prod")
+            assert code == 0, err
+    said = [r for r in caplog.records if getattr(r, "event", None) == "channel_history_ignored"]
+    assert said and sorted(said[0].files) == sorted(stray) and said[0].count == len(stray)
+    assert [e["seq"] for e in json.loads(cli(capsys, out, "history", "--channel", "prod")[1])] == [1, 2, 3, 4, 5]
+    assert protected_models(LocalStorage(out), 7) == {"a", "b"}  # retention reads the same folder
+

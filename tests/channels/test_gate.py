@@ -1,4 +1,6 @@
 """The quality gate: paired bootstrap over per-question differences, and the decision rule."""
+import json
+
 import pytest
 
 from job.channels.gate import GatePolicy, decide, paired_bootstrap
@@ -76,3 +78,12 @@ def test_exact_match_metric_and_every_number_recorded():
 def test_candidate_and_holder_must_share_the_questions():
     with pytest.raises(ValueError, match="same questions"):
         decide(scores([1, 2, 3]), scores([1, 2]), GatePolicy())
+
+
+def test_a_score_that_is_not_finite_is_never_promoted():
+    """NaN < QA_GATE_MIN is False: a NaN candidate passed the floor and a fresh channel promoted it."""
+    nan = {"q1": {"f1": float("nan"), "exact_match": 0.0}, "q2": {"f1": 50.0, "exact_match": 0.0}}
+    for holder in (None, {"q1": {"f1": 50.0}, "q2": {"f1": 50.0}}):
+        verdict = decide(nan, holder, GatePolicy())
+        assert not verdict["promote"] and verdict["reason"] == "not_finite" and verdict["candidate"] is None
+        json.dumps(verdict, allow_nan=False)  # promotion.json stays JSON

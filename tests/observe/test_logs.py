@@ -101,3 +101,13 @@ def test_colour_codes_leave_other_library_warnings():
     rec = record("\x1b[33mslow tokenizer\x1b[0m in use", name="somelib", level=logging.WARNING)
     assert rec.getMessage() == "slow tokenizer in use" and rec.event == "library_warning"
     assert parse_load_report("an ordinary message") is None
+
+
+def test_a_loss_that_is_not_finite_stays_visible_and_the_line_stays_json(formats):
+    """A diverged loss was hidden (the Trainer's NaN filter logged 0.0); shown, it must not break the JSON line."""
+    as_json, as_text = formats
+    rec = record("progress", event="progress", step=2, max_steps=8, loss=float("nan"), learning_rate=float("inf"),
+                 samples_per_second=1.0, eta_seconds=6.0, history=[1.0, float("-inf")])
+    line = json.loads(as_json.format(rec), parse_constant=lambda word: pytest.fail(f"not JSON: {word}"))
+    assert (line["loss"], line["learning_rate"], line["history"]) == ("nan", "inf", [1.0, "-inf"])
+    assert "nan" in as_text.format(rec)

@@ -81,3 +81,20 @@ def test_padding_never_counts():
     narrow = distillation_loss(s, e, gold_s.clamp(max=2), gold_e.clamp(max=2), t1[:, :3], t2[:, :3], three, 0.5, 2.0)
     wide = distillation_loss(s, e, gold_s.clamp(max=2), gold_e.clamp(max=2), t1, t2, three, 0.5, 2.0)
     assert narrow.item() == pytest.approx(wide.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("temperature", [0.1, 100.0])  # QA_DISTILL_TEMPERATURE's bounds (job/settings.py)
+def test_the_loss_and_its_gradients_stay_finite_at_the_temperature_bounds(temperature):
+    """1e-46 was accepted: the teacher's logits over it overflowed fp32 and the student's weights went NaN."""
+    from job.settings import MAX_TEMPERATURE, MIN_TEMPERATURE
+
+    assert (MIN_TEMPERATURE, MAX_TEMPERATURE) == (0.1, 100.0)
+    torch.manual_seed(0)
+    big = 65504.0  # the largest fp16 logit the teacher cache keeps
+    s = (torch.randn(4, 9) * 1e4).requires_grad_()
+    t = torch.tensor([[big, -big] * 4 + [0.0]] * 4)
+    mask = torch.tensor([[1] * 7 + [0] * 2] * 4)
+    loss = distillation_loss(s, s * 0.5, torch.tensor([0, 3, 6, 0]), torch.tensor([1, 4, 6, 0]), t, -t, mask, 0.3,
+                             temperature)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(s.grad).all()

@@ -4,7 +4,7 @@ import datetime as dt
 import pytest
 
 from job.errors import DataError
-from job.store.listing import ALL, DataFile, Selection, data_files, key_date, parse_selection, pin, pinned, select
+from job.store.listing import ALL, DataFile, Selection, data_files, dated_ahead, key_date, parse_selection, pin, pinned, select
 
 TODAY = dt.date(2026, 11, 30)
 DAY = 86400.0
@@ -104,3 +104,32 @@ def test_a_spoiled_pin_is_not_used(spoil):
     record = pin("d/", "all", [DataFile("a.jsonl", 1, "", 0.0, "0" * 64)])
     spoil(record)
     assert pinned(record, "d/") is None
+
+
+def _now(day: dt.date, hh: int, mm: int) -> dt.datetime:
+    return dt.datetime(day.year, day.month, day.day, hh, mm, tzinfo=dt.timezone.utc)
+
+
+TOMORROW = TODAY + dt.timedelta(days=1)
+AHEAD = files(("2026-11-29/a.jsonl", 1), ("2026-11-30/b.jsonl", 0), ("2026-12-01/c.jsonl", -1),
+              ("2099-01-01/d.jsonl", -26000), ("part-7.jsonl", 0))
+
+
+@pytest.mark.parametrize("text, now, expected", [
+    # days:D by key kept the 2099 file every night; after today (UTC) is never chosen
+    ("days:7", _now(TODAY, 12, 0), ["2026-12-01/c.jsonl", "2099-01-01/d.jsonl"]),
+    # an hour before midnight a producer whose clock runs minutes ahead may already date tomorrow
+    ("days:7", _now(TODAY, 23, 10), ["2099-01-01/d.jsonl"]),
+    ("days:7", _now(TOMORROW, 0, 5), ["2099-01-01/d.jsonl"]),
+    ("newest:2", _now(TODAY, 12, 0), ["2026-12-01/c.jsonl", "2099-01-01/d.jsonl"]),  # an undated key is ranked as before
+    ("days:7:modified", _now(TODAY, 12, 0), ["2026-12-01/c.jsonl", "2099-01-01/d.jsonl"]),
+    ("newest:1:modified", _now(TODAY, 23, 30), ["2099-01-01/d.jsonl"]),
+    ("all", _now(TODAY, 12, 0), []),  # "all" dates nothing: every file, as it always was
+])
+def test_files_dated_after_today_are_never_selected(text, now, expected):
+    assert [f.key for f in dated_ahead(AHEAD, parse_selection(text), now)] == expected
+
+
+def test_a_modification_time_past_year_9999_is_in_the_future():
+    far = DataFile("x.jsonl", 1, "", 1e15)
+    assert dated_ahead([far], parse_selection("days:1:modified"), _now(TODAY, 12, 0)) == [far]

@@ -118,3 +118,13 @@ def test_a_feature_cache_that_does_not_verify_is_not_used(tmp_path, copy_of, whe
     features = rerun.event("features")[0]
     assert rerun.event("features_cache_invalid")[0]["where"] == where and features["cache"] == used
     assert features["train_windows"] > features["eval_windows"]  # the real train features, not the substitute
+
+
+def test_checkpoint_names_count_ascii_steps_only(tmp_path):
+    from job.store.checkpoints import committed_steps
+    from job.store.storage import LocalStorage
+
+    store = LocalStorage(tmp_path / "run")
+    for name in ("checkpoint-4", "checkpoint-١٢", "checkpoint-²", "checkpoint-007"):
+        store.put_bytes(f"checkpoints/{name}/COMMIT.json", b"{}")
+    assert committed_steps(store) == [4]  # "١٢" read as step 12 would fetch checkpoint-12, which does not exist

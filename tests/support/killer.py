@@ -8,8 +8,11 @@ SPEC is a comma-separated list of actions, each ``verb:hook[:match][@n|=seconds]
   raise:evaluate@1               raise a BaseException that is not an Exception (like a Rust panic)
   meet:pointer_read@2=2          at the 2nd pointer read, wait until 2 processes got there
                                  (each touches a file in $KILLER_MEET_DIR): forces a real race
+  fill:teacher_score@1=8192      at the 1st teacher pass, fill the filesystem of $QA_WORK_DIR to
+                                 8192 bytes from full (a file .killer-filler there): a disk full now
 Hooks: train_step, save_optimizer, put_file, put_bytes, delete, get_file, lease, train_end,
-evaluate, stage; data_list (before a data folder or prefix is listed) and data_fetch (before a
+evaluate, stage, teacher_score (before the teacher scores the training windows); data_list
+(before a data folder or prefix is listed), data_fetch and data_fetched (before and after a
 single data file is fetched); and the promotion steps: promote (entered after COMPLETE),
 pointer_read (after a channel pointer is read), decided (after promotion.json is written, before
 the pointer moves), pointer_write (after the pointer moved, before its history entry). The job
@@ -38,7 +41,7 @@ def parse(spec: str):
             rest, value = rest.rsplit("=", 1)
         if "@" in rest:
             rest, at = rest.rsplit("@", 1)
-        if verb != "meet" and at is not None:
+        if verb not in ("meet", "fill") and at is not None:
             value, at = at, None  # kill:hook@n: the n-th time
         hook, _, match = rest.partition(":")
         actions.append({"verb": verb, "hook": hook, "match": match, "value": float(value), "at": int(at or 1), "count": 0})
@@ -51,6 +54,7 @@ def install(actions) -> None:
     import job.channels.channel
     import job.channels.promotion
     import job.data
+    import job.distill
     import job.evaluate
     import job.observe.periodic_eval  # binds evaluate before the wrap: the hook is the final evaluation only
     import job.publish
@@ -71,9 +75,11 @@ def install(actions) -> None:
                 time.sleep(a["value"])
             elif a["verb"] == "meet" and count == a["at"]:
                 meet(int(a["value"]))
+            elif a["verb"] == "fill" and count == a["at"]:
+                fill(int(a["value"]))
             elif count == int(a["value"]) and a["verb"] == "raise":
                 raise Panic(f"injected panic at {hook} {os.environ.get('KILLER_PANIC_MESSAGE', '')}")
-            elif count == int(a["value"]):
+            elif count == int(a["value"]) and a["verb"] in ("kill", "term"):  # meet and fill never signal
                 print(f'{{"event": "fault_injected", "verb": "{a["verb"]}", "hook": "{hook}", "key": "{key}"}}', flush=True)
                 os.kill(os.getpid(), signal.SIGKILL if a["verb"] == "kill" else signal.SIGTERM)
 
@@ -102,10 +108,29 @@ def install(actions) -> None:
     wrap(job.publish, "stage", "stage")
     wrap(job.data, "_choose", "data_list")
     wrap(job.data, "fetch", "data_fetch")
+    wrap(job.data, "fetch", "data_fetched", before=False)
+    wrap(job.distill, "score", "teacher_score")
     wrap(job.channels.promotion, "promote", "promote")
     wrap(job.channels.channel.Channel, "read", "pointer_read", before=False)
     wrap(job.channels.promotion, "write_decision", "decided", before=False)
     wrap(job.channels.channel.Channel, "swap", "pointer_write", before=False)
+
+
+def fill(free: int) -> None:
+    """Fill the filesystem of $QA_WORK_DIR until ``free`` bytes are left (a small mount: the tests' tmpfs)."""
+    from pathlib import Path
+
+    fd = os.open(Path(os.environ["QA_WORK_DIR"]) / ".killer-filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        for chunk in (bytes(1 << 20), bytes(4096)):
+            try:
+                while os.write(fd, chunk):
+                    pass
+            except OSError:
+                pass  # full, for chunks this size
+        os.ftruncate(fd, max(0, os.fstat(fd).st_size - free))
+    finally:
+        os.close(fd)
 
 
 def meet(parties: int, timeout: float = 120.0) -> None:
