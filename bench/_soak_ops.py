@@ -34,6 +34,7 @@ BASE = {  # every night's settings: the tiny model, little data, short leases, f
     "QA_STOP_GRACE_SECONDS": "30", "QA_KEEP_RUNS": str(KEEP_RUNS), "QA_TRAIN_SELECT": "newest:2",
     "QA_WARM_START_LIMIT": "3", "QA_LOG_FORMAT": "json", "QA_REPORT_TO": "tensorboard",
 }
+SLOW_STEPS = "slow:train_step=0.25"  # sleeps, the maths unchanged (tests.support.killer)
 LEASE = r"lease|already running"
 # exit 2/3 messages an operation may end with, by what it is (anything else is reported)
 REFUSALS = {
@@ -47,15 +48,17 @@ REFUSALS = {
     "repair": (r"is not corrupted", r"does not exist", r"is not complete", r"has no model/config.json"),
     "answer": (r"does not exist",),
 }
-# SIGKILL / SIGTERM points inside a job process: (killer hook, highest n)
+# SIGKILL / SIGTERM points inside a job process: (killer hook, highest n). Every night that trains passes the
+# first ones; the others only some nights do (pruning, a distilled run, a night with a holder to replace)
 JOB_HOOKS = [
     ("train_step", 8), ("save_optimizer", 3), ("put_file:optimizer.pt", 3), ("put_bytes:COMMIT.json", 3),
-    ("delete:checkpoints/", 2), ("put_file:cache/features", 1), ("lease", 1), ("train_end", 1), ("evaluate", 1),
-    ("put_file:model/model.safetensors", 1), ("put_bytes:COMPLETE", 1), ("promote", 1), ("pointer_read", 2),
-    ("decided", 1), ("pointer_write", 1), ("put_bytes:retention.json", 1), ("delete:/model/", 2), ("data_fetch", 2),
-    ("put_bytes:run.json", 1), ("put_bytes:channels/", 3), ("put_file:cache/teacher", 1), ("put_file:logs/", 2),
-    ("get_file", 3), ("put_bytes:lease.json", 2),
+    ("put_file:cache/features", 1), ("lease", 1), ("train_end", 1), ("evaluate", 1), ("put_file:model/model.safetensors", 1),
+    ("put_bytes:COMPLETE", 1), ("promote", 1), ("pointer_read", 2), ("decided", 1), ("data_fetch", 2), ("put_bytes:run.json", 1),
+    ("put_bytes:channels/", 3), ("put_file:logs/", 2), ("get_file", 2),
 ]
+RARE_JOB_HOOKS = [("delete:checkpoints/", 2), ("pointer_write", 1), ("put_bytes:retention.json", 1), ("delete:/model/", 2),
+                  ("put_file:cache/teacher", 1), ("put_bytes:lease.json", 2), ("teacher_score", 1), ("data_fetched", 2)]
+FILL_HOOKS = ["save_optimizer", "stage", "teacher_score", "data_fetched", "train_step", "evaluate", "put_file:cache/features"]
 CLI_HOOKS = [("pointer_read", 2), ("pointer_write", 1), ("put_bytes:channels/", 2), ("delete", 1)]
 JOB_EVENTS = [("lease", 1), ("data", 2), ("features", 1), ("train_start", 1), ("progress", 3), ("checkpoint_committed", 3),
               ("train_end", 1), ("eval", 1), ("published", 1), ("promotion", 1), ("init", 1)]
@@ -86,6 +89,7 @@ class Outcome:
     runs: list = field(default_factory=list)
     attempts: dict = field(default_factory=dict)  # run id or command -> this step's attempts: "exit[faults]"
     faults: list = field(default_factory=list)  # fault kinds that fired
+    unfired: list = field(default_factory=list)  # fault kinds drawn whose point or event the process never reached
     unsettled: list = field(default_factory=list)  # (label, codes) of runs whose fault-free last attempt did not settle
     notes: list = field(default_factory=list)
 
@@ -97,8 +101,9 @@ class Soak:
         self.world, self.root = world, root
         self.runs: dict[str, RunSpec] = {}
         self.drops = self.eval_drops = self.nodes = 0
-        self.rows = [json.loads(line) for path in (DATA / "squad_v1_train_64.jsonl", ROOT / "job/sample_data/squad_v1_train_300.jsonl")
-                     for line in path.read_text().splitlines()]
+        rows = [json.loads(line) for path in (DATA / "squad_v1_train_64.jsonl", ROOT / "job/sample_data/squad_v1_train_300.jsonl")
+                for line in path.read_text().splitlines()]
+        self.rows = list({r["id"]: r for r in rows}.values())  # the two files share rows: a drop's ids must differ
         self.dev = [json.loads(line) for line in (ROOT / "job/sample_data/squad_v1_dev_100.jsonl").read_text().splitlines()]
         self.can_mount, self.faketime = can_mount(), faketime_lib() is not None
         self.drop_eval(random.Random(0), 16)  # the same first eval set and training file for every seed
@@ -106,9 +111,12 @@ class Soak:
 
     # ------------------------------------------------------------------ data
     def drop_train(self, rng: random.Random) -> None:
+        """A new training file; now and then one whose key holds a credential value (a producer's mistake the
+        job must not publish: README "Security")."""
         self.drops += 1
         rows = [dict(r, id=f"{r['id']}-d{self.drops}") for r in rng.sample(self.rows, ROWS_PER_DROP)]
-        self.world.put(f"data/train/drop-{self.drops:04d}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+        leaky = f"-{self.world.secrets['HF_TOKEN']}" if rng.random() < 0.08 else ""
+        self.world.put(f"data/train/drop-{self.drops:04d}{leaky}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
 
     def drop_eval(self, rng: random.Random, n: int = 8) -> None:
         rows = [dict(r, id=f"{r['id']}-e{self.eval_drops}") for r in rng.sample(self.dev, n)]
@@ -149,7 +157,7 @@ class Soak:
         if rng.random() >= chance:
             return faults, setup
         roll = rng.random()
-        hooks = JOB_HOOKS if kind == "job" else CLI_HOOKS
+        hooks = (JOB_HOOKS if rng.random() < 0.7 else RARE_JOB_HOOKS) if kind == "job" else CLI_HOOKS
         if roll < 0.38:
             hook, most = rng.choice(hooks)
             faults.append(Fault(rng.choice(["kill", "kill", "term"]), hook=f"{hook}@{rng.randint(1, most)}"))
@@ -163,54 +171,67 @@ class Soak:
             amount = {"resets": rng.randint(1, 6), "lost": rng.randint(1, 3), "cut": rng.randint(2_000, 300_000),
                       "latency": round(rng.uniform(0.02, 0.3), 2)}.get(what, 0)
             faults.append(Fault(what, event=event, nth=rng.randint(1, most), seconds=round(seconds, 1), amount=amount))
-        elif kind == "job":
-            megabytes = rng.choice([3, 6, 12, 20, 30, 45])
+        elif kind == "job":  # a scratch too small for the run, or one that fills up at a named point
+            megabytes, fill = rng.choice([3, 6, 12, 20, 30, 45]), rng.random() < 0.5
+            point = f"{rng.choice(FILL_HOOKS)}@1={rng.choice([0, 4096, 65536, 1 << 20])}"
             if self.can_mount:
-                setup["disk_mb"] = megabytes
+                setup["disk_mb"] = 64 if fill else megabytes
+                if fill:
+                    faults.append(Fault("fill", hook=point))
         return faults, setup
 
     # ------------------------------------------------------------------ one process
     def launch(self, label: str, env: dict, faults: list[Fault], setup: dict, module: str = "job", args=(), killer=""):
+        """Start a process with its faults; a full disk gets a tmpfs of its own as QA_WORK_DIR (closed by ``finish``)."""
+        tmpfs = None
+        if "disk_mb" in setup:
+            tmpfs = Tmpfs(self.root / "full" / label.replace("#", "."), setup["disk_mb"])
+            env = {**env, "QA_WORK_DIR": str(tmpfs.path)}
+        elif any(f.kind == "fill" for f in faults):
+            raise AssertionError("the killer's fill may only fill a tmpfs of the soak's")
         if "clock" in setup:
-            env = {**env, **faketime_env(setup["clock"])}
-        return self.world.start(label, env, module, tuple(args), faults, killer)
+            env = {**env, **faketime_env(setup["clock"], self.root / "clock-site")}
+        if module == "job":  # a tiny model's step is 0.1 s: slower steps let uploads keep up, so kills find commits
+            killer = ",".join(filter(None, (SLOW_STEPS, killer)))
+        running = self.world.start(label, env, module, tuple(args), faults, killer)
+        if tmpfs is not None:
+            running.tmpfs = tmpfs
+            running.faults.append(Fault("disk", amount=setup["disk_mb"]))
+        return running
+
+    def finish(self, running):
+        self.world.finish(running)
+        if running.tmpfs is not None:
+            running.tmpfs.close()
+        return running
 
     def proc(self, running, kind: str, refusals: tuple, setup: dict) -> Proc:
-        sent = tuple(running.signalled)
-        if running.hung:
-            sent += (9,)
-        return Proc(running.label, kind, running.proc.returncode, "\n".join(running.lines), "\n".join(running.err),
-                    sent, refusals)
+        label = running.label + (" (hung: the soak killed it after its time limit)" if running.hung else "")
+        return Proc(label, kind, running.proc.returncode, "\n".join(running.lines), "\n".join(running.err),
+                    tuple(running.signalled), refusals)
 
     # ------------------------------------------------------------------ a run, retried as a Kubernetes Job
     def run_job(self, spec: RunSpec, rng: random.Random, out: Outcome, first=None, work: Path | None = None,
-                chance: float = 0.6) -> None:
+                chance: float = 0.7) -> None:
         """Attempts of ``spec`` until one settles it (or the Job gives up); ``first``: a started first attempt."""
         failures, attempt = 0, 0
         work = work or self.work_dir(spec.run_id)
         while True:
             last = attempt == MAX_ATTEMPTS - 1 or failures == BACKOFF_LIMIT
-            tmpfs = None
             if first is not None:
                 running, setup, first = first[0], first[1], None
             else:
                 faults, setup = self.draw_faults(rng, "job", 0.0 if last else chance * (0.6 if attempt else 1.0))
                 if last:
                     setup.pop("clock", None)
-                if "disk_mb" in setup:
-                    tmpfs = Tmpfs(self.root / "full" / f"{spec.run_id}.{attempt}", setup["disk_mb"])
-                    faults.append(Fault("disk", amount=setup["disk_mb"]))
-                env = {**spec.env, "QA_WORK_DIR": str(tmpfs.path if tmpfs else work)}
-                running = self.launch(f"{spec.run_id}#{attempt + 1}", env, [f for f in faults if f.kind != "disk"], setup)
-                running.faults += [f for f in faults if f.kind == "disk"]
-            self.world.finish(running)
-            if tmpfs is not None:
-                tmpfs.close()
+                running = self.launch(f"{spec.run_id}#{attempt + 1}", {**spec.env, "QA_WORK_DIR": str(work)}, faults, setup)
+            self.finish(running)
             proc = self.proc(running, "job", spec.refusals, setup)
             out.procs.append(proc)
-            fired = [f for f in running.faults if f.fired or f.kind == "disk"] + ([Fault("clock", amount=setup["clock"])]
+            fired = [f for f in running.faults if f.fired or f.kind in ("disk", "fill")] + ([Fault("clock", amount=setup["clock"])]
                                                                                   if "clock" in setup else [])
             out.faults += [f.kind for f in fired]
+            out.unfired += [f.kind for f in running.faults if not f.fired and f.kind not in ("disk", "fill")]
             spec.attempts.append((proc.code, [f.describe() for f in fired]))
             described = ", ".join(f.describe() for f in fired)
             out.attempts.setdefault(spec.run_id, []).append(f"{proc.code}" + (f"[{described}]" if described else ""))
@@ -226,7 +247,7 @@ class Soak:
             attempt += 1
             if last or failures > BACKOFF_LIMIT or attempt >= MAX_ATTEMPTS:
                 break  # the Job gives up: reported by retries_converge when its last attempt had no fault
-            if tmpfs is None:  # the next pod: the same node and scratch, another node, or a copy of this scratch
+            if running.tmpfs is None:  # the next pod: the same node and scratch, another node, or a copy of this scratch
                 place = rng.choice(["same", "same", "fresh", "fresh", "copy"])
                 if place != "same":
                     new = self.work_dir(spec.run_id)
@@ -251,11 +272,12 @@ class Soak:
             for f in faults:
                 if f.event == "start":
                     self.world.fire(running, f)
-            self.world.finish(running)
+            self.finish(running)
             proc = self.proc(running, kind, refusals, setup)
             out.procs.append(proc)
             fired = [f.describe() for f in running.faults if f.fired] + ([f"clock {setup['clock']:+d} min"] if "clock" in setup else [])
             out.faults += [f.kind for f in running.faults if f.fired] + (["clock"] if "clock" in setup else [])
+            out.unfired += [f.kind for f in running.faults if not f.fired]
             out.attempts.setdefault(label, []).append(f"{proc.code}" + (f"[{', '.join(fired)}]" if fired else ""))
             codes.append(proc.code)
             if proc.code in (0, 2, 3) or running.hung:

@@ -109,6 +109,13 @@ def test_a_pointer_one_ahead_of_its_history_is_a_killed_mover_not_a_violation():
     assert problems(files) == {}
 
 
+def test_files_in_a_history_folder_that_are_not_versions_are_not_read_as_versions():
+    files = sound()
+    files.update({"channels/c/history/\u00b2.json": b"x", "channels/c/history/007.json": entry(7, "r1"),
+                  "channels/c/history/notes.txt": b"hand-written"})
+    assert problems(files) == {}
+
+
 def test_history_entries_are_never_rewritten_or_deleted():
     before = sound()
     after = copy.deepcopy(before)

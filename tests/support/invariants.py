@@ -24,7 +24,8 @@ from typing import Callable, Mapping
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 HISTORY = re.compile(r"channels/([^/]+)/history/(.+)\.json")
 POINTER = re.compile(r"channels/([^/]+)\.json")
-CHECKPOINT_MARKER = re.compile(r"checkpoints/checkpoint-(\d+)/COMMIT\.json")
+CHECKPOINT_MARKER = re.compile(r"checkpoints/checkpoint-([0-9]+)/COMMIT\.json")
+SEQ = re.compile(r"[1-9][0-9]*\.json")
 RECORDS = ("metrics.json", "predictions.json", "manifest.json", "run.json")  # a complete run keeps them always
 MODEL_FILES = ("config.json", "model.safetensors")  # what makes a model folder usable
 SMALL = 256 * 1024  # bodies of objects up to this size are kept in a snapshot
@@ -81,9 +82,8 @@ class Snapshot:
         """``{seq: parsed entry or None}`` for every history object whose name is a number."""
         out = {}
         for key in self.under(f"channels/{channel}/history/"):
-            stem = key.removesuffix(".json")
-            if key.endswith(".json") and stem.isdigit():
-                out[int(stem)] = self.json(f"channels/{channel}/history/{key}")
+            if SEQ.fullmatch(key):  # what the job writes; any other name there is not a version (README)
+                out[int(key[:-5])] = self.json(f"channels/{channel}/history/{key}")
         return out
 
 

@@ -10,8 +10,9 @@ prefixes. ``World.start`` runs one of the job's commands as a subprocess with it
   seconds, connections reset, replies lost, uploads cut, latency): replays as closely as the
   log lines arrive;
 - after a delay (SIGKILL or SIGTERM "at any time"): replays only approximately;
-- a clock off by minutes (libfaketime, ``faketime`` package) and a scratch disk that fills up (a
-  small tmpfs, root only) are set up around the process by the caller (``faketime_env``, ``Tmpfs``).
+- a clock off by minutes (libfaketime, ``faketime`` package, with a ``time.sleep`` it does not
+  break) and a scratch disk that fills up (a small tmpfs, root only) are set up around the process
+  by the caller (``faketime_env``, ``Tmpfs``).
 
 ``World.snapshot`` reads everything under the output prefix straight from the server (never
 through the proxy) into a ``tests.support.invariants.Snapshot``; objects are fetched once per
@@ -47,10 +48,30 @@ def faketime_lib() -> str | None:
     return next((str(p) for p in sorted(Path("/usr/lib").glob("*/faketime/libfaketimeMT.so.1"))), None)
 
 
-def faketime_env(minutes: float) -> dict[str, str]:
-    """This process's wall clock off by ``minutes`` (its monotonic clock untouched, as on a skewed host)."""
+# libfaketime 0.9.10 breaks clock_nanosleep on the real monotonic clock (EINVAL: Python's time.sleep), and
+# faking that clock too makes every timed wait (Event.wait, Lock.acquire) overshoot by the offset. So the
+# monotonic clock stays real and time.sleep waits on an Event instead, before the job imports anything.
+_SLEEP_SHIM = """import threading
+import time
+
+
+def _sleep(seconds):  # the soak's clock fault: libfaketime cannot sleep on the real monotonic clock
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    threading.Event().wait(seconds)
+
+
+time.sleep = _sleep
+"""
+
+
+def faketime_env(minutes: float, site: Path) -> dict[str, str]:
+    """This process's wall clock off by ``minutes`` (its monotonic clock untouched, as on a skewed host);
+    ``site``: a folder for the ``sitecustomize`` that gives it a working ``time.sleep``."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / "sitecustomize.py").write_text(_SLEEP_SHIM)
     return {"LD_PRELOAD": faketime_lib() or "", "FAKETIME": f"{minutes:+.0f}m", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
-            "FAKETIME_DONT_RESET": "1"}
+            "FAKETIME_DONT_RESET": "1", "PYTHONPATH": f"{site}{os.pathsep}{ROOT}"}
 
 
 def can_mount() -> bool:
@@ -107,6 +128,7 @@ class Running:
     threads: list[threading.Thread] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     hung: bool = False
+    tmpfs: "Tmpfs | None" = None  # its scratch, when it had a small one of its own
 
     def events(self) -> list[dict]:
         out = []
