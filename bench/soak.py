@@ -27,6 +27,7 @@ overlaps the process's calls, and races between concurrent processes replay only
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -259,9 +260,10 @@ def reference_run(soak: Soak, spec, record: dict) -> str | None:
     ref = json.loads(world.get(f"reference/ref-{fingerprint[:24]}/run.json"))
     if ref["inputs"]["train_sha256"] != record["inputs"]["train_sha256"]:
         raise RuntimeError(f"the reference of {spec.run_id} read other training data")
-    import hashlib
-
-    return hashlib.sha256(world.get(f"reference/ref-{fingerprint[:24]}/model/model.safetensors")).hexdigest()
+    weights = world.get(f"reference/ref-{fingerprint[:24]}/model/model.safetensors")
+    world.delete_prefix(f"reference/ref-{fingerprint[:24]}/")  # only its sha256 is kept
+    shutil.rmtree(folder, ignore_errors=True)
+    return hashlib.sha256(weights).hexdigest()
 
 
 def _masked(world: World, key: str) -> str:
@@ -337,6 +339,7 @@ def run_history(soak: Soak, seed: int, steps: int, minutes: float | None, starte
         OPS[name][0](soak, rng, out)
         cur = soak.world.snapshot(step)
         found = check_step(soak, out, prev, cur, policy, references)
+        shutil.rmtree(soak.root / "work", ignore_errors=True)  # every process of the step is done: its scratch goes
         prev = cur
         line = f"{step:4d} {out.line:<52} {describe(out)}  ({time.monotonic() - t0:.0f} s)"
         history.append(line)

@@ -145,13 +145,29 @@ def meet(parties: int, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def install_after_stop_handler(actions) -> None:
+    """Wrap once the job's own SIGTERM handling is in place, as it is first thing in ``python -m job``: the
+    wrapping imports the Trainer (seconds), and a SIGTERM then must be the job's stop, not a plain death."""
+    from job.runtime.preemption import StopRequest
+
+    original = StopRequest.install
+
+    def install_then_wrap(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        install(actions)
+        return result
+
+    StopRequest.install = install_then_wrap
+
+
 if __name__ == "__main__":
-    install(parse(sys.argv[1]))
     if len(sys.argv) > 2:  # another of the job's commands: killer SPEC job.channel hold --output ...
         import runpy
 
+        install(parse(sys.argv[1]))
         sys.argv = [sys.argv[2], *sys.argv[3:]]
         runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+    install_after_stop_handler(parse(sys.argv[1]))
     from job.__main__ import main
 
     sys.exit(main())

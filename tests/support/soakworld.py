@@ -179,6 +179,10 @@ class World:
         pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def delete_prefix(self, prefix: str) -> None:
+        for key in self.keys(prefix):
+            self.client.delete_object(Bucket=BUCKET, Key=key)
+
     def download(self, prefix: str, dest: Path) -> bool:
         """Every object under ``prefix`` into ``dest`` (relative names); False when there is none."""
         keys = self.keys(prefix)
