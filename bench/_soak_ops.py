@@ -91,6 +91,7 @@ class Outcome:
     faults: list = field(default_factory=list)  # fault kinds that fired
     unfired: list = field(default_factory=list)  # fault kinds drawn whose point or event the process never reached
     unsettled: list = field(default_factory=list)  # (label, codes) of runs whose fault-free last attempt did not settle
+    settled: list = field(default_factory=list)  # run ids whose last process ended settling them (0, 2, 3)
     notes: list = field(default_factory=list)
 
 
@@ -257,6 +258,8 @@ class Soak:
                     work = new
         if not spec.settled and not running.faults and "clock" not in setup:
             out.unsettled.append((spec.run_id, [c for c, _ in spec.attempts]))
+        if spec.settled:
+            out.settled.append(spec.run_id)
         out.runs.append(spec.run_id)
 
     def run_cli(self, label: str, module: str, args: list, refusals: tuple, rng: random.Random, out: Outcome,

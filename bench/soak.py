@@ -44,7 +44,7 @@ import _common  # noqa: F401  (puts the repository root on sys.path)
 from _common import machine
 from _soak_ops import CHANNELS, GATES, KEEP_RUNS, REFUSALS, Outcome, Soak
 from tests.support.invariants import (Policy, answers_through_every_channel, check_process, check_storage,
-                                      retries_converged, same_as_reference)
+                                      leases_released, retries_converged, same_as_reference)
 from tests.support.soakworld import World
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -201,6 +201,7 @@ def check_step(soak: Soak, out: Outcome, prev, cur, policy: Policy, references: 
         found += check_process(proc, soak.world.secrets)
     for label, codes in out.unsettled:
         found += retries_converged(label, codes, False)
+    found += leases_released(cur, out.settled)
     for run_id in dict.fromkeys(out.runs):
         found += compare_with_reference(soak, soak.runs[run_id], cur, references, out)
     found += answers(soak, cur)

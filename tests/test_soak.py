@@ -244,6 +244,12 @@ def test_a_run_whose_last_attempt_did_not_settle_it_is_reported():
     assert inv.retries_converged("r", [-9, 0], settled=True) == []
 
 
+def test_a_run_whose_last_process_ended_holds_no_lease():
+    cur = snapshot(sound())  # r3 has a lease.json
+    assert inv.leases_released(cur, ["r1", "r2"]) == []
+    assert inv.leases_released(cur, ["r3"]) == [("leases_released", "run r3: lease.json left behind after its last process ended")]
+
+
 def test_a_resumed_run_must_equal_its_reference():
     assert inv.same_as_reference("r", "a" * 64, "a" * 64) == []
     assert inv.same_as_reference("r", "a" * 64, "b" * 64)[0][0] == "resumed_equals_reference"
@@ -252,6 +258,20 @@ def test_a_resumed_run_must_equal_its_reference():
 def test_answers_through_every_channel_reports_a_failing_channel():
     assert inv.answers_through_every_channel({"c": (0, ""), "d": (2, "no model there")}) == [
         ("answers_through_every_channel", "channel d: job.answer exit 2: no model there")]
+
+
+def test_a_sigterm_while_the_killer_wraps_the_job_is_the_jobs_stop(tmp_path, tiny_model):
+    """The soak sends SIGTERM "at any time"; under the killer the job once had no handler while the killer imported
+    the Trainer (seconds), and died of the signal (-15) where ``python -m job`` exits 143."""
+    import signal
+
+    from tests.support.jobrun import RunningJob, job_env
+
+    job = RunningJob(job_env(tmp_path, tiny_model), module="tests.support.killer", args=("slow:train_step=0.1",))
+    time.sleep(1.0)  # python is up; the Trainer's import takes seconds more
+    job.proc.send_signal(signal.SIGTERM)
+    result = job.finish()
+    assert result.returncode == 143, result.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------- the short soak

@@ -483,6 +483,13 @@ def same_as_reference(run: str, model_sha256: str, reference_sha256: str) -> lis
              f"fault-free reference's {reference_sha256[:12]}")]
 
 
+def leases_released(cur: Snapshot, settled: list[str]) -> list[tuple[str, str]]:
+    """A run whose last process ended (exit 0, or refused with 2 or 3) holds no lease: ``lease.json`` is there
+    only while a process works on the run (README), and retention never touches a run that has one."""
+    return [("leases_released", f"run {run}: lease.json left behind after its last process ended")
+            for run in sorted(set(settled)) if cur.has(f"{run}/lease.json")]
+
+
 def answers_through_every_channel(results: Mapping[str, tuple[int, str]]) -> list[tuple[str, str]]:
     """``job.answer --channel C`` answers through every channel: ``results`` maps a channel to (exit code, error)."""
     return [("answers_through_every_channel", f"channel {channel}: job.answer exit {code}: {error}")
