@@ -194,6 +194,9 @@ OPS = {"night": (op_night, 32), "rerun": (op_rerun, 8), "race": (op_race, 6), "t
        "release": (op_operator("release"), 4), "repair": (op_repair, 3), "answer": (op_answer, 5)}
 
 
+NIGHTS = ("night", "race", "twin", "busy")  # the operations that train
+
+
 # ---------------------------------------------------------------------------------------------- checks
 def check_step(soak: Soak, out: Outcome, prev, cur, policy: Policy, references: dict) -> list[tuple[str, str]]:
     found = check_storage(prev, cur, policy)
@@ -335,7 +338,8 @@ def run_history(soak: Soak, seed: int, steps: int, minutes: float | None, starte
         if minutes and time.monotonic() - started > minutes * 60:
             break
         rng = random.Random(master.getrandbits(64))
-        name = rng.choices(names, weights)[0]
+        # the first two steps train (a fresh output has no channel for the operator's commands to act on)
+        name = rng.choices(names, [w if step >= 2 or n in NIGHTS else 0 for n, w in zip(names, weights)])[0]
         out, t0 = Outcome(name, kind=name), time.monotonic()
         OPS[name][0](soak, rng, out)
         cur = soak.world.snapshot(step)
