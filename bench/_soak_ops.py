@@ -182,7 +182,8 @@ class Soak:
         return faults, setup
 
     # ------------------------------------------------------------------ one process
-    def launch(self, label: str, env: dict, faults: list[Fault], setup: dict, module: str = "job", args=(), killer=""):
+    def launch(self, label: str, env: dict, faults: list[Fault], setup: dict, module: str = "job", args=(), killer="",
+               slow: bool = True):
         """Start a process with its faults; a full disk gets a tmpfs of its own as QA_WORK_DIR (closed by ``finish``)."""
         tmpfs = None
         if "disk_mb" in setup:
@@ -192,7 +193,7 @@ class Soak:
             raise AssertionError("the killer's fill may only fill a tmpfs of the soak's")
         if "clock" in setup:
             env = {**env, **faketime_env(setup["clock"], self.root / "clock-site")}
-        if module == "job":  # a tiny model's step is 0.1 s: slower steps let uploads keep up, so kills find commits
+        if module == "job" and slow:  # a tiny model's step is 0.1 s: slower steps let uploads keep up, so kills find commits
             killer = ",".join(filter(None, (SLOW_STEPS, killer)))
         running = self.world.start(label, env, module, tuple(args), faults, killer)
         if tmpfs is not None:
@@ -204,6 +205,7 @@ class Soak:
         self.world.finish(running)
         if running.tmpfs is not None:
             running.tmpfs.close()
+            running.tmpfs = None
         return running
 
     def proc(self, running, kind: str, refusals: tuple, setup: dict) -> Proc:
@@ -248,7 +250,7 @@ class Soak:
             attempt += 1
             if last or failures > BACKOFF_LIMIT or attempt >= MAX_ATTEMPTS:
                 break  # the Job gives up: reported by retries_converge when its last attempt had no fault
-            if running.tmpfs is None:  # the next pod: the same node and scratch, another node, or a copy of this scratch
+            if "disk_mb" not in setup:  # the next pod: the same node and scratch, another node, or a copy of this scratch
                 place = rng.choice(["same", "same", "fresh", "fresh", "copy"])
                 if place != "same":
                     new = self.work_dir(spec.run_id)

@@ -121,7 +121,9 @@ def op_twin(soak: Soak, rng: random.Random, out: Outcome) -> None:
             pass  # a folder went away under the copy: what was copied is the fault
         out.faults.append("copied_workdir")
     faults_b, setup_b = soak.draw_faults(rng, "job", 0.0)
-    b = soak.launch(f"{spec.run_id}#twin", {**spec.env, "QA_WORK_DIR": str(work_b)}, faults_b, setup_b)
+    # plain python -m job: the killer's wrapping would make it seconds late, when the first may be done
+    b = soak.launch(f"{spec.run_id}#twin", {**spec.env, "QA_WORK_DIR": str(work_b)}, faults_b, setup_b, slow=False)
+    soak.finish(a), soak.finish(b)  # retried one after the other: a retry facing the other's live lease exits 4
     soak.run_job(spec, rng, out, first=(a, setup), work=work_a)
     soak.run_job(spec, rng, out, first=(b, setup_b), work=work_b)
 

@@ -129,6 +129,7 @@ class Running:
     started: float = field(default_factory=time.monotonic)
     hung: bool = False
     tmpfs: "Tmpfs | None" = None  # its scratch, when it had a small one of its own
+    finished: bool = False
 
     def events(self) -> list[dict]:
         out = []
@@ -273,6 +274,10 @@ class World:
             self.server.start()
 
     def finish(self, run: Running, timeout: float = HUNG_SECONDS) -> Running:
+        """Wait for the process (killed as hung after ``timeout``), end its faults, keep its output; once."""
+        if run.finished:
+            return run
+        run.finished = True
         try:
             run.proc.wait(max(1.0, timeout - (time.monotonic() - run.started)))
         except subprocess.TimeoutExpired:
