@@ -47,6 +47,7 @@ REFUSALS = {
     "release": (r"is already not held", r"does not exist"),
     "repair": (r"is not corrupted", r"does not exist", r"is not complete", r"has no model/config.json"),
     "answer": (r"does not exist",),
+    "rerun": (r"run '\S+' has no model/config\.json",),  # a held run, released since, whose model was pruned (README)
 }
 # SIGKILL / SIGTERM points inside a job process: (killer hook, highest n). Every night that trains passes the
 # first ones; the others only some nights do (pruning, a distilled run, a night with a holder to replace)
@@ -215,8 +216,9 @@ class Soak:
 
     # ------------------------------------------------------------------ a run, retried as a Kubernetes Job
     def run_job(self, spec: RunSpec, rng: random.Random, out: Outcome, first=None, work: Path | None = None,
-                chance: float = 0.7) -> None:
-        """Attempts of ``spec`` until one settles it (or the Job gives up); ``first``: a started first attempt."""
+                chance: float = 0.7, refusals: tuple = ()) -> None:
+        """Attempts of ``spec`` until one settles it (or the Job gives up); ``first``: a started first attempt;
+        ``refusals``: exit 2/3 messages this operation may end with besides the run's own."""
         failures, attempt = 0, 0
         work = work or self.work_dir(spec.run_id)
         while True:
@@ -229,7 +231,7 @@ class Soak:
                     setup.pop("clock", None)
                 running = self.launch(f"{spec.run_id}#{attempt + 1}", {**spec.env, "QA_WORK_DIR": str(work)}, faults, setup)
             self.finish(running)
-            proc = self.proc(running, "job", spec.refusals, setup)
+            proc = self.proc(running, "job", spec.refusals + tuple(refusals), setup)
             out.procs.append(proc)
             fired = [f for f in running.faults if f.fired or f.kind in ("disk", "fill")] + ([Fault("clock", amount=setup["clock"])]
                                                                                   if "clock" in setup else [])

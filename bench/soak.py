@@ -79,7 +79,7 @@ def op_rerun(soak: Soak, rng: random.Random, out: Outcome) -> None:
         return op_night(soak, rng, out)
     spec = soak.runs[rng.choice(sorted(soak.runs))]
     out.line = f"rerun {spec.run_id}"
-    soak.run_job(spec, rng, out, chance=0.4)
+    soak.run_job(spec, rng, out, chance=0.4, refusals=REFUSALS["rerun"])
 
 
 def op_race(soak: Soak, rng: random.Random, out: Outcome) -> None:
