@@ -1,6 +1,6 @@
-"""The soak's operations and faults (``bench/soak.py``), each drawn from one step's random generator.
+"""The soak's machinery (``bench/soak.py``): its state, data drops, faults drawn per process, and retries.
 
-An operation runs the job's real commands in subprocesses (``tests.support.soakworld``), gives
+An operation (``_soak_steps``) runs the job's real commands in subprocesses (``tests.support.soakworld``), gives
 each process the faults drawn for it, and retries a run as a Kubernetes Job with a
 ``podFailurePolicy`` would (k8s/base/job.yaml): 143 is retried without counting, 2 and 3 fail
 for good, anything else (75, 4, 1, SIGKILL) is retried while ``BACKOFF_LIMIT`` allows; the last
@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.invariants import Proc
+from tests.support.outcomes import Proc
 from tests.support.jobrun import DATA, ROOT
 from tests.support.soakworld import Fault, Tmpfs, World, can_mount, faketime_env, faketime_lib
 

@@ -1,6 +1,7 @@
 """The soak (bench/soak.py): each invariant catches what it is about, and a short soak runs on every CI run.
 
-The invariants (tests/support/invariants.py) are pure functions over snapshots of an output: each
+The invariants (tests/support/invariants.py over snapshots of an output, tests/support/outcomes.py over what
+each step's processes did) are pure functions: each
 is shown to hold on a sound snapshot built by hand and to report the snapshot broken the way it
 is about (an invariant that cannot fail proves nothing). ``test_short_soak`` then runs a short
 random history of the real job against SeaweedFS under faults, with a seed drawn per run (fixed
@@ -18,7 +19,9 @@ import time
 import pytest
 
 from tests.support import invariants as inv
-from tests.support.invariants import Policy, Proc, Snapshot, make_obj
+from tests.support import outcomes
+from tests.support.outcomes import Proc
+from tests.support.snapshot import Policy, Snapshot, make_obj
 from tests.support.jobrun import ROOT
 
 POLICY = Policy(keep_runs=2, gates={"c": ("f1", 10.0, 5.0)})
@@ -227,7 +230,7 @@ OK = '{"event": "start"}\n{"event": "done"}'
     (Proc("p", "job", 0, OK, "warning: key s3cr3tValue99"), "no_secret_in_logs"),
 ])
 def test_each_process_check_catches_its_violation(proc, expected):
-    assert expected in {name for name, _ in inv.check_process(proc, SECRETS)}
+    assert expected in {name for name, _ in outcomes.check_process(proc, SECRETS)}
 
 
 def test_documented_endings_pass_the_process_checks():
@@ -236,27 +239,27 @@ def test_documented_endings_pass_the_process_checks():
                  Proc("p", "channel", -15, "", "", signalled=(15,)),
                  Proc("p", "job", 4, OK, "qa-finetune: error: QA_RUN_ID=x is already running (exit 4)", refusals=("already running",)),
                  Proc("p", "channel", 2, "", "qa-finetune channel: error: channel 'c' is already held (exit 2)", refusals=("already held",))):
-        assert inv.check_process(proc, SECRETS) == []
+        assert outcomes.check_process(proc, SECRETS) == []
 
 
 def test_a_run_whose_last_attempt_did_not_settle_it_is_reported():
-    assert inv.retries_converged("r", [-9, 75], settled=False)[0][0] == "retries_converge"
-    assert inv.retries_converged("r", [-9, 0], settled=True) == []
+    assert outcomes.retries_converged("r", [-9, 75], settled=False)[0][0] == "retries_converge"
+    assert outcomes.retries_converged("r", [-9, 0], settled=True) == []
 
 
 def test_a_run_whose_last_process_ended_holds_no_lease():
     cur = snapshot(sound())  # r3 has a lease.json
-    assert inv.leases_released(cur, ["r1", "r2"]) == []
-    assert inv.leases_released(cur, ["r3"]) == [("leases_released", "run r3: lease.json left behind after its last process ended")]
+    assert outcomes.leases_released(cur, ["r1", "r2"]) == []
+    assert outcomes.leases_released(cur, ["r3"]) == [("leases_released", "run r3: lease.json left behind after its last process ended")]
 
 
 def test_a_resumed_run_must_equal_its_reference():
-    assert inv.same_as_reference("r", "a" * 64, "a" * 64) == []
-    assert inv.same_as_reference("r", "a" * 64, "b" * 64)[0][0] == "resumed_equals_reference"
+    assert outcomes.same_as_reference("r", "a" * 64, "a" * 64) == []
+    assert outcomes.same_as_reference("r", "a" * 64, "b" * 64)[0][0] == "resumed_equals_reference"
 
 
 def test_answers_through_every_channel_reports_a_failing_channel():
-    assert inv.answers_through_every_channel({"c": (0, ""), "d": (2, "no model there")}) == [
+    assert outcomes.answers_through_every_channel({"c": (0, ""), "d": (2, "no model there")}) == [
         ("answers_through_every_channel", "channel d: job.answer exit 2: no model there")]
 
 

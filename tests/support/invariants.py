@@ -1,96 +1,22 @@
-"""The soak's invariants: small pure functions over snapshots of a job's output, and over its processes.
+"""The soak's invariants over storage: small pure functions over snapshots of a job's output.
 
-A ``Snapshot`` is what storage holds under ``QA_OUTPUT_URI`` after a step of the soak (every
-object's size and sha256, the bodies of the small ones, which secrets each contains). The checks
-read nothing else: no log, no knowledge of what the soak did, so what they accept is what any
-reader of the bucket can rely on. Each returns the problems it found as strings (empty: holds).
-Checks of one snapshot take ``(cur, policy)``; checks of what may never change take
-``(prev, cur, policy)``: applied after every step, a change at any step is caught at that step.
-
-The checks of a process (``check_process``) read its exit code and output: exit codes from the
-README's table with one error line, JSON log lines, no secret.
+The checks read a ``tests.support.snapshot.Snapshot`` and nothing else: no log, no knowledge of
+what the soak did, so what they accept is what any reader of the bucket can rely on. Each returns
+the problems it found as strings (empty: holds). Checks of one snapshot take ``(cur, policy)``;
+checks of what may never change take ``(prev, cur, policy)``: applied after every step, a change
+at any step is caught at that step. The checks of processes and of what a step did are in
+``tests.support.outcomes``.
 
 Each invariant is unit-tested on hand-made snapshots that break it (tests/test_soak.py): a check
 that cannot fail proves nothing.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import re
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable
 
-RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-HISTORY = re.compile(r"channels/([^/]+)/history/(.+)\.json")
-POINTER = re.compile(r"channels/([^/]+)\.json")
-CHECKPOINT_MARKER = re.compile(r"checkpoints/checkpoint-([0-9]+)/COMMIT\.json")
-SEQ = re.compile(r"[1-9][0-9]*\.json")
-RECORDS = ("metrics.json", "predictions.json", "manifest.json", "run.json")  # a complete run keeps them always
-MODEL_FILES = ("config.json", "model.safetensors")  # what makes a model folder usable
-SMALL = 256 * 1024  # bodies of objects up to this size are kept in a snapshot
+from tests.support.snapshot import CHECKPOINT_MARKER, HISTORY, MODEL_FILES, RECORDS, RUN_ID, Policy, Snapshot
 
-
-@dataclass(frozen=True)
-class Obj:
-    size: int
-    sha256: str
-    body: bytes | None = None  # small objects only
-    secrets: tuple[str, ...] = ()  # names of the secrets its bytes contain
-
-
-def make_obj(data: bytes, secrets: Mapping[str, str] = {}) -> Obj:
-    """An object as a snapshot holds it: ``secrets`` maps a name to a secret value to look for."""
-    found = tuple(sorted(name for name, value in secrets.items() if value and value.encode() in data))
-    return Obj(len(data), hashlib.sha256(data).hexdigest(), data if len(data) <= SMALL else None, found)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    step: int
-    objects: Mapping[str, Obj]  # key relative to the output URI -> object
-
-    def json(self, key: str):
-        """The parsed body, or None when missing, too big to keep or not JSON."""
-        obj = self.objects.get(key)
-        if obj is None or obj.body is None:
-            return None
-        try:
-            return json.loads(obj.body)
-        except (ValueError, UnicodeDecodeError):
-            return None
-
-    def has(self, key: str) -> bool:
-        return key in self.objects
-
-    def under(self, prefix: str) -> dict[str, Obj]:
-        return {k[len(prefix):]: v for k, v in self.objects.items() if k.startswith(prefix)}
-
-    def runs(self) -> set[str]:
-        return {k.split("/", 1)[0] for k in self.objects if "/" in k and not k.startswith("channels/")}
-
-    def complete(self, run: str) -> bool:
-        return self.has(f"{run}/COMPLETE")
-
-    def model_whole(self, run: str) -> bool:
-        return all(self.has(f"{run}/model/{name}") for name in MODEL_FILES)
-
-    def channels(self) -> list[str]:
-        return sorted(m.group(1) for k in self.objects if (m := POINTER.fullmatch(k)))
-
-    def history(self, channel: str) -> dict[int, object]:
-        """``{seq: parsed entry or None}`` for every history object whose name is a number."""
-        out = {}
-        for key in self.under(f"channels/{channel}/history/"):
-            if SEQ.fullmatch(key):  # what the job writes; any other name there is not a version (README)
-                out[int(key[:-5])] = self.json(f"channels/{channel}/history/{key}")
-        return out
-
-
-@dataclass(frozen=True)
-class Policy:
-    keep_runs: int  # QA_KEEP_RUNS of every night
-    gates: Mapping[str, tuple[str, float, float]] = field(default_factory=dict)  # channel -> (metric, floor, max drop)
+__all__ = ["check_storage", "needed_models", "pointer_problem", "SNAPSHOT_CHECKS", "CHANGE_CHECKS"]
 
 
 # ---------------------------------------------------------------------------------------------- channels
@@ -397,100 +323,3 @@ def check_storage(prev: Snapshot | None, cur: Snapshot, policy: Policy) -> list[
     """``[(invariant, problem)]`` over one step: every snapshot check on ``cur``, every change check on the pair."""
     found = [(name, p) for name, check in SNAPSHOT_CHECKS.items() for p in check(cur, policy)]
     return found + [(name, p) for name, check in CHANGE_CHECKS.items() for p in check(prev, cur, policy)]
-
-
-# ---------------------------------------------------------------------------------------------- processes
-@dataclass
-class Proc:
-    """One process the soak ran, as its checks see it."""
-
-    label: str
-    kind: str  # "job" (python -m job), "channel" (python -m job.channel), "answer" (python -m job.answer)
-    code: int  # exit code; -N: killed by signal N
-    stdout: str
-    stderr: str
-    signalled: tuple[int, ...] = ()  # signals the soak sent or had the killer send (9, 15)
-    refusals: tuple[str, ...] = ()  # regexes of the exit-2/3/4 messages this operation may legitimately end with
-
-
-DOCUMENTED = {0, 2, 3, 4, 75, 143}
-ERROR_LINE = re.compile(r"qa-finetune(?: channel| answer)?: error: (.*) \(exit (\d+)\)")
-
-
-def check_process(proc: Proc, secrets: Mapping[str, str]) -> list[tuple[str, str]]:
-    """``[(invariant, problem)]`` for one process: exit code, error line, log lines, secrets."""
-    out = []
-    code = proc.code
-    if code < 0:
-        # the job turns SIGTERM into its own exit code (README "Exit codes"); the command lines promise
-        # nothing of the kind, and their moves are single conditional writes: they may die of it
-        allowed = {9} if proc.kind == "job" else {9, 15}
-        if -code not in proc.signalled or -code not in allowed:
-            out.append(("exit_codes_documented", f"{proc.label}: died of signal {-code} (only an injected SIGKILL may"
-                        f"{', or a SIGTERM sent to a command line' if proc.kind != 'job' else ''})"))
-    elif code not in DOCUMENTED:
-        out.append(("exit_codes_documented", f"{proc.label}: exit {code}, not in the README's table"
-                    + (f": {_last_error(proc.stderr)}" if _last_error(proc.stderr) else "")))
-    elif code == 143 and 15 not in proc.signalled:
-        out.append(("exit_codes_documented", f"{proc.label}: exit 143 without a SIGTERM"))
-    if code > 0:
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        match = ERROR_LINE.fullmatch(lines[-1]) if lines else None
-        if match is None or int(match.group(2)) != code:
-            out.append(("one_error_line", f"{proc.label}: exit {code} without its error line on stderr "
-                        f"(last: {lines[-1][:200] if lines else 'nothing'})"))
-        elif code in (2, 3, 4) and not any(re.search(r, match.group(1)) for r in proc.refusals):
-            out.append(("refusals_expected", f"{proc.label}: exit {code}: {match.group(1)[:300]}"))
-    if proc.kind == "job":
-        for n, line in enumerate(proc.stdout.splitlines(), 1):
-            try:
-                ok = isinstance(json.loads(line), dict)
-            except ValueError:
-                ok = False
-            if not ok:
-                out.append(("log_lines_json", f"{proc.label}: stdout line {n} is not a JSON object: {line[:160]!r}"))
-                break
-    elif proc.kind in ("channel", "answer") and code == 0:
-        try:
-            json.loads(proc.stdout)
-        except ValueError:
-            out.append(("log_lines_json", f"{proc.label}: printed no JSON: {proc.stdout[:160]!r}"))
-    for name, value in secrets.items():
-        for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr)):
-            if value and value in text:
-                out.append(("no_secret_in_logs", f"{proc.label}: {stream} contains the value of {name}"))
-    return out
-
-
-def _last_error(stderr: str) -> str:
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
-
-
-def retries_converged(label: str, codes: list[int], settled: bool) -> list[tuple[str, str]]:
-    """A run retried as a Kubernetes Job would be ends: its last attempt, given without faults, must settle it
-    (exit 0, or a documented refusal), never leave it needing another retry."""
-    if settled:
-        return []
-    return [("retries_converge", f"{label}: attempts ended {codes}; the last, without faults, did not settle the run")]
-
-
-def same_as_reference(run: str, model_sha256: str, reference_sha256: str) -> list[tuple[str, str]]:
-    """A run resumed after faults ends with the weights of the same run without faults (README: bit for bit on CPU)."""
-    if model_sha256 == reference_sha256:
-        return []
-    return [("resumed_equals_reference", f"run {run}: model.safetensors {model_sha256[:12]} differs from the "
-             f"fault-free reference's {reference_sha256[:12]}")]
-
-
-def leases_released(cur: Snapshot, settled: list[str]) -> list[tuple[str, str]]:
-    """A run whose last process ended (exit 0, or refused with 2 or 3) holds no lease: ``lease.json`` is there
-    only while a process works on the run (README), and retention never touches a run that has one."""
-    return [("leases_released", f"run {run}: lease.json left behind after its last process ended")
-            for run in sorted(set(settled)) if cur.has(f"{run}/lease.json")]
-
-
-def answers_through_every_channel(results: Mapping[str, tuple[int, str]]) -> list[tuple[str, str]]:
-    """``job.answer --channel C`` answers through every channel: ``results`` maps a channel to (exit code, error)."""
-    return [("answers_through_every_channel", f"channel {channel}: job.answer exit {code}: {error}")
-            for channel, (code, error) in sorted(results.items()) if code != 0]

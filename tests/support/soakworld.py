@@ -15,7 +15,7 @@ prefixes. ``World.start`` runs one of the job's commands as a subprocess with it
   by the caller (``faketime_env``, ``Tmpfs``).
 
 ``World.snapshot`` reads everything under the output prefix straight from the server (never
-through the proxy) into a ``tests.support.invariants.Snapshot``; objects are fetched once per
+through the proxy) into a ``tests.support.snapshot.Snapshot``; objects are fetched once per
 ETag, so a step costs what it changed.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support.faultproxy import FaultProxy
-from tests.support.invariants import Obj, Snapshot, make_obj
+from tests.support.snapshot import Obj, Snapshot, make_obj
 from tests.support.jobrun import ROOT, _child_env
 from tests.support.seaweed import SeaweedServer
 from tests.support.tiny import build_tiny_model
