@@ -34,6 +34,7 @@ def _run(environ, stop: StopRequest) -> int:
     rank = int(environ["RANK"]) if "WORLD_SIZE" in environ and environ.get("WORLD_SIZE") != "1" else None
     setup_logging(rank=rank)
     log = logging.getLogger("job")
+    settings = None
     try:
         from job.settings import load_settings
 
@@ -46,7 +47,7 @@ def _run(environ, stop: StopRequest) -> int:
 
         run(settings, Ranks.from_env(environ), stop)
     except BaseException as exc:  # noqa: BLE001  the last line of defence, also for non-Exception panics
-        return failure_exit(log, exc)
+        return failure_exit(log, exc, work_dir=settings.work_dir if settings is not None else None)
     log.info("done", extra={"event": "done", "exit_code": EXIT_OK})
     return EXIT_OK
 

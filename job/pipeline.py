@@ -74,6 +74,9 @@ def run(settings: Settings, ranks: Ranks, stop: StopRequest) -> None:
 def train_evaluate_publish(ctx: RunContext) -> bool:
     """Data, features, training, evaluation, publishing; False when tonight has nothing new to learn.
 
+    The run may have been completed by the process whose lease this one waited for: that is checked
+    first, under the lease (on rank 0, for every rank, under torchrun).
+
     Under torchrun every decision one process takes for all is rank 0's (``job.runtime.ranks``): the data
     read (``_rank0_data``), the night's plan, the run folder's claim and whether results staged in
     rank 0's work dir are published instead of training again. A rank that decided on its own would
@@ -84,6 +87,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
     the process group, which the decisions travel through.
     """
     settings, ranks = ctx.settings, ctx.ranks
+    if ranks.world_size == 1 and publish.is_complete(ctx.store):
+        return _completed_meanwhile(settings)
     # a retry reads the very files its first attempt read, whatever landed under the prefix since
     record = publish.run_record(ctx.store)  # an earlier attempt's: the data files and teacher run it pinned
     train_split, eval_split = load_splits(settings, _policy(settings), publish.pinned_data(record))
@@ -91,6 +96,8 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
         args = _join_process_group(ctx)
         ranks = ctx.ranks.joined()  # rank agreements and waits for another rank's work: a gloo group of their own
         ctx = replace(ctx, args=args, ranks=ranks)
+        if ranks.from_rank0(lambda: publish.is_complete(ctx.store)):
+            return _completed_meanwhile(settings)
         train_split, eval_split = _rank0_data(ctx, train_split, eval_split)
     base = model_identity(settings.model_name)  # by content: a model replaced in place is another model
     # a teacher that cannot teach this student is exit 2 here, before the run folder is bound to it
@@ -126,6 +133,13 @@ def train_evaluate_publish(ctx: RunContext) -> bool:
         features = replace(features, train=distill.indexed(features.train))
         ctx.check_stop()
     fine_tune_evaluate_publish(ctx, tokenizer, model, features, train_split, eval_split, inputs, taught, teacher)
+    return True
+
+
+def _completed_meanwhile(settings: Settings) -> bool:
+    """Seen under the lease: this process waited for it while its holder finished the run. Publishing the
+    complete run again would rewrite what readers (and a channel) already use; only its promotion may be left."""
+    log.info("run completed by the lease's previous holder", extra={"event": "already_complete", "run_id": settings.run_id})
     return True
 
 

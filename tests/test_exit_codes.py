@@ -112,6 +112,16 @@ def test_full_work_disk_exits_75(tmp_path, tiny_model, mounted):
     one_line_error(result, 75, "no space left")
 
 
+@pytest.mark.parametrize("size", ["8m", "12m"])
+def test_a_work_disk_that_fills_while_a_checkpoint_is_saved_exits_75(tmp_path, tiny_model, mounted, size):
+    """Found by the soak (a full scratch disk): room for the data, the features and the weights, not for the
+    optimizer state. torch.save reports the failed write without an errno ("iostream error", "unexpected pos")
+    and the job exited 1 with that as an unexpected error."""
+    work = mounted("work", f"size={size}")
+    result = run_job(job_env(tmp_path, tiny_model, QA_WORK_DIR=work, QA_MAX_STEPS="4", QA_CHECKPOINT_STEPS="2"))
+    one_line_error(result, 75, "no space left")
+
+
 def test_long_questions_are_cut_not_a_crash(tmp_path, tiny_model):
     """QA_MAX_LENGTH=128 QA_DOC_STRIDE=100 leaves little room beside a question; the tokenizer used to panic."""
     data = rows(8)

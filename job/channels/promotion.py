@@ -42,10 +42,11 @@ log = logging.getLogger(__name__)
 def promote(ctx) -> None:
     settings = ctx.settings
     channel = open_channel(settings)
-    candidate = published_run(channel.store, settings.run_id)
     if _settled(ctx, channel, _earlier_decision(ctx, channel)):
         _prune(ctx, channel)
         return
+    # read as a candidate only now: a settled run may have lost its model to retention since (a rerun long after)
+    candidate = published_run(channel.store, settings.run_id)
     rows = _eval_rows(settings, ctx.store)
     mine = per_example_scores(each(rows, SCORED), _predictions(ctx.store, "predictions.json", settings.run_id), settings.squad_v2)
     policy = gate.GatePolicy(settings.gate_metric, settings.gate_min, settings.gate_max_drop)

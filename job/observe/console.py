@@ -6,6 +6,7 @@ secrets redacted and never a traceback; the exit code says what kind of failure 
 from __future__ import annotations
 
 import errno
+import shutil
 import sys
 import traceback
 
@@ -32,7 +33,8 @@ def run_command_line(program: str, call):
         return EXIT_UNEXPECTED, None
 
 
-def failure_exit(log, exc: BaseException, places: str = "QA_WORK_DIR / QA_OUTPUT_URI", program: str = "qa-finetune") -> int:
+def failure_exit(log, exc: BaseException, places: str = "QA_WORK_DIR / QA_OUTPUT_URI", program: str = "qa-finetune",
+                 work_dir: str | None = None) -> int:
     """How a job ends on ``exc``: one ``failed`` log line, the one stderr line, and the exit code.
 
     A ``JobError`` carries its code; local disk problems are not bugs (a full disk may pass on
@@ -47,7 +49,7 @@ def failure_exit(log, exc: BaseException, places: str = "QA_WORK_DIR / QA_OUTPUT
         if code is not None:
             return _fail(log, code, message, type(exc).__name__, program)
         return _unexpected(log, exc, program)
-    if _disk_full(exc):  # a full disk reported by a native library (safetensors, arrow) as its own error
+    if _disk_full(exc, work_dir):  # a full disk reported by a native library (safetensors, arrow, torch.save)
         return _fail(log, EXIT_UNAVAILABLE, f"no space left on the local disk ({type(exc).__name__}): "
                      "free space or give QA_WORK_DIR more, then rerun", type(exc).__name__, program)
     return _unexpected(log, exc, program)
@@ -62,12 +64,28 @@ def _os_error(exc: OSError, places: str) -> tuple[int | None, str]:
     return None, ""
 
 
-def _disk_full(exc: BaseException) -> bool:
+# torch.save's zip writer loses the errno of a failed write: it raises "basic_ios::clear: iostream error", then
+# "[enforce fail at inline_container.cc] unexpected pos" (or "PytorchStreamWriter failed writing file")
+_UNEXPLAINED_WRITE_FAILURES = ("iostream error", "inline_container.cc", "PytorchStreamWriter failed")
+_ALMOST_FULL_BYTES = 64 * 2**20  # less than any checkpoint: such a failure there is the disk being full
+
+
+def _disk_full(exc: BaseException, work_dir: str | None) -> bool:
+    """A full disk, said outright, or a write failure without a reason while the work dir's disk is (almost) full."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc):
             return True
+        if work_dir and any(s in str(exc) for s in _UNEXPLAINED_WRITE_FAILURES) and _free_bytes(work_dir) < _ALMOST_FULL_BYTES:
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def _free_bytes(path: str) -> float:
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return float("inf")
 
 
 def _unexpected(log, exc: BaseException, program: str) -> int:

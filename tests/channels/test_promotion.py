@@ -79,3 +79,18 @@ def test_a_night_like_a_held_run_while_still_held_says_why_it_is_unchanged(tmp_p
     assert (decided["same_as"], decided["same_as_decision"]) == ("c", "hold")
     (event,) = [r for r in caplog.records if getattr(r, "event", None) == "unchanged"]
     assert "the channel is held" in event.getMessage() and "released" in event.getMessage()
+
+
+def test_a_rerun_of_a_gated_run_whose_model_retention_pruned_stands_by_its_decision(tmp_path, capsys):
+    """Found by the soak (a rerun of an old run id): the promotion step first read the run as a candidate, which
+    needs its model, so a run gated long ago and pruned since exited 2 instead of standing by its decision."""
+    import shutil
+
+    out = tmp_path / "out"
+    publish_run(out, "h", GOLD)
+    publish_run(out, "r", WRONG)
+    assert gate(out, "h", "production")["decision"] == "promote"
+    assert gate(out, "r", "production")["decision"] == "reject"
+    shutil.rmtree(out / "r" / "model")  # what retention does to it once newer runs are gated
+    assert gate(out, "r", "production")["decision"] == "reject"  # the rerun: the recorded decision stands, exit 0
+    assert holder(out, "production") == "h"

@@ -225,6 +225,24 @@ def test_a_job_that_loses_its_lease_stops_and_writes_nothing_more(tmp_path, tiny
     assert json.loads((run / KEY).read_text())["holder"] == "thief"  # not released, not overwritten
 
 
+def test_a_job_that_waited_for_the_lease_does_not_publish_a_run_its_holder_completed(tmp_path, tiny_model):
+    """Found by the soak (bench/soak.py, a run id started twice): the second process saw no COMPLETE, waited for
+    the lease, took it once the first released it, and trained, evaluated and published the complete run again."""
+    env = job_env(tmp_path, tiny_model, QA_MAX_STEPS="4", QA_LEASE_SECONDS="60")  # no renewal while the second watches
+    first = RunningJob({**env, "QA_WORK_DIR": str(tmp_path / "work-a")}, module="tests.support.killer",
+                       args=("slow:train_step=1.0",))
+    first.wait_for("train_start")
+    second = RunningJob({**env, "QA_WORK_DIR": str(tmp_path / "work-b")})
+    second.wait_for("lease_wait")  # it looked for COMPLETE before the first finished
+    assert first.finish().returncode == 0
+    run = tmp_path / "out" / "test-run"
+    published = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and "checkpoints" not in p.parts}
+    waited = second.finish(timeout=120)
+    assert waited.returncode == 0, waited.stderr[-2000:]
+    assert waited.event("already_complete") and not waited.event("train_start") and not waited.event("published")
+    assert {p: p.read_bytes() for p in published} == published
+
+
 class Partitioned(LocalStorage):
     """This process's view of the storage: unreachable while ``down`` (another process sees it fine)."""
 

@@ -25,6 +25,8 @@ before its history entry). The job itself is unmodified: only these functions ar
 With MODULE ``job.predict`` the batch predictions run instead, with the storage and lease hooks
 and two of their own: chunk_written (a chunk's lines are in storage, its marker is not) and
 chunk_committed (after its marker); the training hooks are not installed (nor their imports paid).
+``python -m tests.support.killer SPEC job.channel ARGS...`` runs another of the job's commands (its
+module and arguments) under the same hooks.
 """
 from __future__ import annotations
 
@@ -176,9 +178,30 @@ def meet(parties: int, timeout: float = 120.0) -> None:
         time.sleep(0.05)
 
 
+def install_after_stop_handler(actions, module: str = "job") -> None:
+    """Wrap once the job's own SIGTERM handling is in place, as it is first thing in ``python -m job``: the
+    wrapping imports the Trainer (seconds), and a SIGTERM then must be the job's stop, not a plain death."""
+    from job.runtime.preemption import StopRequest
+
+    original = StopRequest.install
+
+    def install_then_wrap(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        install(actions, module)
+        return result
+
+    StopRequest.install = install_then_wrap
+
+
 if __name__ == "__main__":
     entry = sys.argv[2] if len(sys.argv) > 2 else "job"
-    install(parse(sys.argv[1]), entry)
+    if entry not in ("job", "job.predict"):  # another of the job's commands: killer SPEC job.channel hold --output ...
+        import runpy
+
+        install(parse(sys.argv[1]), entry)
+        sys.argv = [entry, *sys.argv[3:]]
+        runpy.run_module(entry, run_name="__main__", alter_sys=True)
+    install_after_stop_handler(parse(sys.argv[1]), entry)
     if entry == "job.predict":
         from job.predict import main
     else:
