@@ -154,7 +154,7 @@ def describe(out: Outcome) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--seed", type=int, help="replay this history (default: a new seed, printed)")
     parser.add_argument("--steps", type=int, help="operations to run (default 40 without --minutes)")
     parser.add_argument("--minutes", type=float, help="stop starting operations after this many minutes")

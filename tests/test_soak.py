@@ -40,9 +40,11 @@ def entry(seq, run, previous=None, action="promote", by="nightly", held=None, ro
 
 
 def complete_run(run):
+    weights = f"weights of {run}".encode()
+    listed = {"torch": [{"name": "model/model.safetensors", "sha256": make_obj(weights).sha256}]}
     return {f"{run}/COMPLETE": {}, f"{run}/metrics.json": {"f1": 50.0}, f"{run}/predictions.json": {},
-            f"{run}/manifest.json": {}, f"{run}/run.json": {"run_id": run, "fingerprint": f"fp-{run}"},
-            f"{run}/model/config.json": {"dim": 32}, f"{run}/model/model.safetensors": f"weights of {run}"}
+            f"{run}/manifest.json": {"serving_files": listed}, f"{run}/run.json": {"run_id": run, "fingerprint": f"fp-{run}"},
+            f"{run}/model/config.json": {"dim": 32}, f"{run}/model/model.safetensors": weights}
 
 
 def checkpoint(run, step):
@@ -88,6 +90,19 @@ def test_a_pointer_must_name_a_complete_run_with_a_whole_model():
     files = sound()
     files["channels/c.json"] = b'{"seq": '
     assert "not a JSON object" in problems(files)["pointers_name_complete_runs"][0]
+
+
+def test_a_served_model_must_match_the_sha256_its_manifest_records():
+    files = sound()
+    files["r2/model/model.safetensors"] = b"weights of r2, torn"
+    assert "does not match the sha256" in problems(files)["pointers_name_complete_runs"][0]
+    files = sound()
+    files["r2/manifest.json"] = {"serving_files": {**files["r2/manifest.json"]["serving_files"],
+                                                   "onnx": [{"name": "model/model.onnx", "sha256": "0" * 64}]}}
+    assert "'model/model.onnx' that is not there" in problems(files)["pointers_name_complete_runs"][0]
+    files = sound()
+    files["r2/manifest.json"] = {}
+    assert "lists no model files" in problems(files)["pointers_name_complete_runs"][0]
 
 
 @pytest.mark.parametrize("breakage, expected", [

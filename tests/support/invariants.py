@@ -16,7 +16,7 @@ from typing import Callable
 
 from tests.support.snapshot import CHECKPOINT_MARKER, HISTORY, MODEL_FILES, RECORDS, RUN_ID, Policy, Snapshot
 
-__all__ = ["check_storage", "needed_models", "pointer_problem", "SNAPSHOT_CHECKS", "CHANGE_CHECKS"]
+__all__ = ["check_storage", "model_hash_problems", "needed_models", "pointer_problem", "SNAPSHOT_CHECKS", "CHANGE_CHECKS"]
 
 
 # ---------------------------------------------------------------------------------------------- channels
@@ -43,7 +43,7 @@ def pointer_problem(p, channel: str) -> str:
 
 
 def pointers_name_complete_runs(cur: Snapshot, policy: Policy) -> list[str]:
-    """Every channel pointer parses and names a complete run whose model is whole."""
+    """Every channel pointer parses and names a complete run whose model is whole and matches its manifest."""
     out = []
     for channel in cur.channels():
         pointer = cur.json(f"channels/{channel}.json")
@@ -57,8 +57,29 @@ def pointers_name_complete_runs(cur: Snapshot, policy: Policy) -> list[str]:
         elif not cur.model_whole(run):
             missing = [n for n in MODEL_FILES if not cur.has(f"{run}/model/{n}")]
             out.append(f"channel {channel}: pointer seq {pointer['seq']} names run {run}, whose model lacks {missing}")
+        else:
+            out.extend(f"channel {channel}: pointer seq {pointer['seq']} names run {run}, {p}" for p in model_hash_problems(cur, run))
         if not pointer["model_uri"].endswith(f"/{run}/model"):
             out.append(f"channel {channel}: model_uri {pointer['model_uri']!r} is not run {run}'s model")
+    return out
+
+
+def model_hash_problems(cur: Snapshot, run: str) -> list[str]:
+    """The model files a run's ``manifest.json`` lists (``serving_files``: per runtime, name and sha256) are
+    there, byte for byte; the torch weights are always listed."""
+    manifest = cur.json(f"{run}/manifest.json")
+    listed = manifest.get("serving_files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict) or not listed.get("torch"):
+        return ["whose manifest.json lists no model files with their sha256"]
+    out = []
+    for runtime, files in sorted(listed.items()):
+        for f in files if isinstance(files, list) else [None]:
+            name = f.get("name") if isinstance(f, dict) else None
+            obj = cur.objects.get(f"{run}/{name}") if isinstance(name, str) else None
+            if obj is None:
+                out.append(f"whose manifest lists a {runtime} file {name!r} that is not there")
+            elif obj.sha256 != f.get("sha256"):
+                out.append(f"whose {name} does not match the sha256 its manifest records")
     return out
 
 
