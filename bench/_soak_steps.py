@@ -63,6 +63,13 @@ def op_race(soak: Soak, rng: random.Random, out: Outcome) -> None:
         soak.run_job(spec, rng, out, first=first, work=work)
 
 
+def _reach(running, event: str, seconds: float = 300) -> None:
+    """Until the process logged ``event`` (or ended, or ``seconds`` passed): where the operation acts next."""
+    deadline = time.monotonic() + seconds
+    while not running.counts.get(event) and running.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def op_twin(soak: Soak, rng: random.Random, out: Outcome) -> None:
     """One run id started twice: the second on another node, on a copy of the first's scratch, or on the same."""
     channel = rng.choice(CHANNELS)
@@ -73,9 +80,7 @@ def op_twin(soak: Soak, rng: random.Random, out: Outcome) -> None:
     faults, setup = soak.draw_faults(rng, "job", 0.3)
     a = soak.launch(f"{spec.run_id}#1", {**spec.env, "QA_WORK_DIR": str(work_a)}, faults, setup)
     out.line = f"twin {channel}: a second process at {event}, {place} scratch"
-    deadline = time.monotonic() + 300
-    while not a.counts.get(event) and a.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _reach(a, event)
     work_b = work_a if place == "same" else soak.work_dir(spec.run_id)
     if place == "copy" and work_a.exists():  # taken while the first process writes to it, as a snapshot would be
         try:
@@ -101,9 +106,7 @@ def op_busy(soak: Soak, rng: random.Random, out: Outcome) -> None:
     faults, setup = soak.draw_faults(rng, "job", 0.3)
     night = soak.launch(f"{spec.run_id}#1", {**spec.env, "QA_WORK_DIR": str(work)}, faults, setup)
     out.line = f"busy {channel}: {command} at the night's {event}"
-    deadline = time.monotonic() + 300
-    while not night.counts.get(event) and night.proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _reach(night, event)
     args = [command, "--output", soak.world.output, "--channel", channel, "--reason", "soak busy"]
     if command == "promote":
         args += ["--run", rng.choice(sorted(soak.runs))]

@@ -178,7 +178,7 @@ def largest_batch(model_dir: Path, precision: str, max_length: int, cap: int, cu
         middle = (good + bad) // 2
         probes += 1
         good, bad = (middle, bad) if fits(middle) else (good, middle)
-    del model, optimizer
+    model = optimizer = None  # the closure holds them: free the GPU memory before the next measurement
     reset_peak(cuda)
     return {"largest_batch": good, "first_failing": bad, "capped": bad is None, "probes": probes}
 

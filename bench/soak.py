@@ -48,7 +48,7 @@ from tests.support.invariants import check_storage
 from tests.support.outcomes import (answers_through_every_channel, check_process, leases_released, retries_converged,
                                     same_as_reference)
 from tests.support.snapshot import Policy
-from tests.support.soakworld import World
+from tests.support.soakworld import World, json_events
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -211,7 +211,7 @@ def run_history(soak: Soak, seed: int, steps: int, minutes: float | None, starte
         unfired.update(out.unfired)
         for proc in out.procs:
             exits[(proc.kind, proc.code)] += 1
-            for event in _events(proc):
+            for event in json_events(proc.stdout.splitlines()):
                 if event.get("event") in ("promotion", "unchanged"):
                     decisions[event.get("decision", "unchanged")] += 1
         for note in out.notes:
@@ -240,18 +240,6 @@ def run_history(soak: Soak, seed: int, steps: int, minutes: float | None, starte
         print(f"   replay: python bench/soak.py --seed {seed} --steps {step + 1}")
     print(f"\nreplay this history: python bench/soak.py --seed {seed} --steps {ran}")
     return 1 if violations else 0
-
-
-def _events(proc) -> list[dict]:
-    out = []
-    for line in proc.stdout.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
 
 
 if __name__ == "__main__":

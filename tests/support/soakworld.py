@@ -116,6 +116,19 @@ class Fault:
         return f"{self.kind} after {self.after:.1f}s"
 
 
+def json_events(lines) -> list[dict]:
+    """The JSON objects among a process's stdout lines (anything else is left to the checks of its logs)."""
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
 @dataclass
 class Running:
     label: str
@@ -132,15 +145,7 @@ class Running:
     finished: bool = False
 
     def events(self) -> list[dict]:
-        out = []
-        for line in self.lines:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
-        return out
+        return json_events(self.lines)
 
 
 class World:
