@@ -14,16 +14,22 @@ import sys
 
 from job.errors import EXIT_OK
 from job.observe.console import failure_exit, print_error
+from job.predictions import RERUN
 from job.runtime.preemption import StopRequest, exit_now
 
 PROGRAM = "qa-finetune predict"  # the one error line's prefix
 PLACES = "QA_WORK_DIR / QA_PREDICT_OUTPUT_URI"
 
 
+def out_of_time(stop: StopRequest) -> None:
+    """The stop's grace period ran out: the one error line says how a shard resumes, and the process ends now."""
+    exit_now(stop, say=lambda message, code: print_error(message, code, PROGRAM), rerun=RERUN)
+
+
 def main(environ=None) -> int:
     environ = os.environ if environ is None else environ
     # first thing: a signal at any moment is a stop request, and a stuck stop still ends with our own code
-    stop = StopRequest(on_deadline=lambda s: exit_now(s, say=lambda m, c: print_error(m, c, PROGRAM))).install()
+    stop = StopRequest(on_deadline=out_of_time).install()
     from job.observe.logs import setup_logging, use_format
     from job.observe.redaction import register_secrets
 

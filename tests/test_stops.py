@@ -7,6 +7,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from tests.support.jobrun import RunningJob, job_env, run_job
 from tests.support.s3_fixtures import s3_env
 
@@ -174,3 +176,22 @@ def test_forked_workers_leave_the_stop_to_the_job(tmp_path):
     result = JobResult(proc.returncode, proc.stdout, proc.stderr)
     assert proc.returncode == 0 and "[0, 1] True" in proc.stdout, (proc.stdout, proc.stderr)
     assert len(result.event("stop_requested")) == 1, proc.stdout
+
+
+def test_a_stop_that_outlives_its_grace_period_says_how_a_prediction_shard_resumes(monkeypatch, capsys):
+    """job.predict has no run id: its watchdog line says what resumes a shard (it used to say QA_RUN_ID)."""
+    import job.predict
+    import job.runtime.preemption as preemption
+    from job.runtime.preemption import StopRequest
+
+    def leave(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(preemption.os, "_exit", leave)
+    stop = StopRequest(grace_seconds=2)
+    stop.signal_name = "SIGTERM"
+    with pytest.raises(SystemExit) as ended:
+        job.predict.out_of_time(stop)
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 143 and err.startswith("qa-finetune predict: error: stopped by SIGTERM")
+    assert "first uncommitted chunk" in err and "QA_RUN_ID" not in err

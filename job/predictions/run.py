@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from job.errors import Preempted
-from job.predictions import binding, output
+from job.predictions import RERUN, binding, output
 from job.predictions.chunks import lines, new_token
 from job.predictions.scoring import open_scorer, predict_chunk
 from job.predictions.settings import PredictSettings
@@ -110,8 +110,7 @@ def predict_shard(settings: PredictSettings, bound, out: output.ShardOutput, sto
 def check_stop(stop) -> None:
     """A stop request ends the shard here: committed chunks stay, the chunk in progress is predicted again."""
     if stop is not None and stop.requested:
-        raise Preempted(f"stopped by {stop.signal_name}; rerun with the same settings: it resumes at the first "
-                        "uncommitted chunk")
+        raise Preempted(f"stopped by {stop.signal_name}; {RERUN}")
 
 
 def _storage(uri: str, settings: PredictSettings, policy: RetryPolicy, check: bool = False):

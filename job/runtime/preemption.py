@@ -102,12 +102,14 @@ class StopRequest:
         raise Preempted(f"stopped by {self.signal_name}; rerun with the same QA_RUN_ID to resume")
 
 
-def exit_now(stop: StopRequest, report=lambda code: code, say=lambda message, code: None) -> None:
+def exit_now(stop: StopRequest, report=lambda code: code, say=lambda message, code: None,
+             rerun: str = "rerun with the same QA_RUN_ID to resume") -> None:
     """The grace period is over and the job has not finished stopping: log, ``say`` the one error line
-    (the entry point's printer: this layer sits below the console), ``report`` the code and leave at once."""
+    (the entry point's printer: this layer sits below the console), ``report`` the code and leave at once.
+    ``rerun``: how this entry point resumes (the training job by its run id)."""
     code = stop.exit_code
     message = (f"stopped by {stop.signal_name}: the {stop.grace_seconds:g} s grace period (QA_STOP_GRACE_SECONDS) "
-               "ran out before the job finished stopping; rerun with the same QA_RUN_ID to resume")
+               f"ran out before the job finished stopping; {rerun}")
     try:
         log.error(message, extra={"event": "failed", "exit_code": code, "error_type": "GraceExpired"})
         say(message, code)
