@@ -191,8 +191,13 @@ def unmask(pinned_files: list[DataFile], listed: Iterable[DataFile], mask, maske
 
 
 def _iso(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    except (OverflowError, OSError, ValueError):  # past year 9999 (a local file's mtime can be): the seconds as they are
+        return f"@{seconds!r}"
 
 
 def _epoch(text) -> float:
+    if text.startswith("@"):
+        return float(text[1:])
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.timezone.utc).timestamp()

@@ -133,3 +133,10 @@ def test_files_dated_after_today_are_never_selected(text, now, expected):
 def test_a_modification_time_past_year_9999_is_in_the_future():
     far = DataFile("x.jsonl", 1, "", 1e15)
     assert dated_ahead([far], parse_selection("days:1:modified"), _now(TODAY, 12, 0)) == [far]
+
+
+@pytest.mark.parametrize("modified", [1e15, 1_765_000_000.25])
+def test_a_pin_reads_back_any_modification_time(modified):
+    """QA_TRAIN_SELECT=all pins every file, whatever its date: one touched past year 9999 ended the run with exit 1."""
+    f = DataFile("x.jsonl", 1, "", modified, "0" * 64)
+    assert pinned(pin("/data", "all", [f]), "/data") == [f]
