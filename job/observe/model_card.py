@@ -36,6 +36,7 @@ def base_model(model_name: str) -> tuple[str | None, str]:
     kind, origin = "", None
     try:
         config = safe_json.loads((path / "config.json").read_text())
+        config = config if isinstance(config, dict) else {}  # the card is prose: a config it cannot read names nothing
         kind = f"{config.get('model_type')} " if isinstance(config.get("model_type"), str) else ""
         named = config.get("_name_or_path")
         if isinstance(named, str) and _HUB_ID.fullmatch(named) and not named.startswith("."):

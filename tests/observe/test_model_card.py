@@ -23,3 +23,9 @@ def test_another_folder_is_a_local_model_without_its_path(tmp_path):
     # the demo's MiniLM records the model it was fine-tuned from; it is mentioned, never claimed as the base
     hub_id, prose = base_model(str(MINILM))
     assert hub_id is None and "nreimers/MiniLM-L6-H384-uncased" in prose and str(MINILM) not in prose
+
+
+def test_a_folder_whose_config_is_not_an_object_is_still_a_local_model(tmp_path):
+    """The card is written after training: a config.json it cannot read must not end the run."""
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert base_model(str(tmp_path)) == (None, "a local model (not a Hugging Face Hub id)")
