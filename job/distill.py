@@ -41,7 +41,7 @@ from job.serving import TORCH
 from job.store import feature_cache
 from job.store.files import reserved_array
 from job.store.locations import is_s3, join
-from job.store.models import fetch_model, fetch_model_cached, model_identity
+from job.store.models import check_json_files, fetch_model, fetch_model_cached, model_identity
 from job.store.scratch import temp_path
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def check_teacher(path: str, setting: str, student: str, max_length: int) -> Non
     """A QA model, with room for ``max_length`` positions and the student's vocabulary; else ConfigError."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_json_files(path, setting)
     try:
         config = AutoConfig.from_pretrained(path)
         vocab = AutoTokenizer.from_pretrained(path).get_vocab()

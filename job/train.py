@@ -19,6 +19,7 @@ from job.observe.logs import resolve_format
 from job.observe.trackers import trainer_integrations
 from job.runtime.recipe import (Recipe, guard_compile, log_recipe, pad_to_multiple_of, probe_machine, resolve_recipe,
                                 set_compile_threads, set_matmul_precision)
+from job.store.models import check_json_files
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def load_model(model_name: str, seed: int, attention: str = "sdpa"):
     looks_local = model_name.startswith(("/", ".", "~")) or model_name.count("/") > 1
     if looks_local and not Path(model_name).expanduser().is_dir():
         raise ConfigError(f"QA_MODEL_NAME={model_name}: no such model directory")
+    check_json_files(model_name, f"QA_MODEL_NAME={model_name}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_name)
         # transformers picks SDPA by default where the model supports it and eager otherwise, quietly;

@@ -113,3 +113,16 @@ def test_an_s3_model_is_fetched_once_and_again_only_when_it_changed(published, t
     again = fetch_model_cached(run, tmp_path / "models", env["QA_S3_ENDPOINT_URL"])
     assert again != first and (again / "README.md").read_bytes() == b"rewritten in place"
     assert [r.cache for r in caplog.records if getattr(r, "event", None) == "model_fetched"] == ["miss", "local", "miss", "miss"]
+
+
+def test_a_model_whose_json_is_nested_too_deep_is_one_line(tiny_model, tmp_path):
+    """transformers parses a model's JSON with json.loads: a tokenizer_config.json nested 100,000 deep ended
+    job.answer with RecursionError (exit 1, a traceback)."""
+    import shutil
+
+    model = tmp_path / "deep"
+    shutil.copytree(tiny_model, model)
+    (model / "tokenizer_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    result, _ = answer({}, "--model", str(model), "--question", "Who won?", "--context", CONTEXT)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"--model {model}: cannot load (tokenizer_config.json: nested deeper than" in result.stderr

@@ -130,7 +130,10 @@ def teachers(tmp_path_factory, tiny_model):
     tok = AutoTokenizer.from_pretrained(str(other))
     tok.add_tokens(["qafinetunetoken"])
     tok.save_pretrained(str(other))
-    return {"missing": root / "nothing-here", "encoder": encoder, "short": short, "other": other}
+    nested = root / "nested"  # a config.json nested 100,000 deep: transformers' parser recursed until RecursionError
+    shutil.copytree(tiny_model, nested)
+    (nested / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    return {"missing": root / "nothing-here", "encoder": encoder, "short": short, "other": other, "nested": nested}
 
 
 @pytest.mark.parametrize("which, needle", [
@@ -138,6 +141,7 @@ def teachers(tmp_path_factory, tiny_model):
     ("encoder", "not a question-answering model (DistilBertModel"),
     ("short", "has 64 positions, fewer than QA_MAX_LENGTH=128"),
     ("other", "vocabulary differs from QA_MODEL_NAME="),
+    ("nested", "cannot load (config.json:"),
 ])
 def test_a_teacher_that_cannot_teach_is_refused_naming_it(tmp_path, tiny_model, teachers, which, needle):
     settings = settings_for(tmp_path, tiny_model, QA_TEACHER_MODEL=str(teachers[which]))

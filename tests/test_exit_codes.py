@@ -178,3 +178,14 @@ def test_a_full_disk_during_the_teacher_pass_exits_75_not_with_a_bus_error(tmp_p
     one_line_error(result, 75, "no space left on the local disk")
     assert "logits.npy" in result.stderr and not result.event("teacher_logits")
     assert not [p for p in work.rglob("*") if ".tmp" in p.name], "the half-made logits file is removed"
+
+
+def test_a_base_model_whose_config_is_nested_too_deep_is_exit_2(tmp_path, tiny_model):
+    """transformers parses config.json with json.loads: one nested 100,000 deep ended the run with exit 1."""
+    import shutil
+
+    model = tmp_path / "deep"
+    shutil.copytree(tiny_model, model)
+    (model / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    result = run_job(job_env(tmp_path, model, QA_MAX_STEPS="1"))
+    one_line_error(result, 2, f"QA_MODEL_NAME={model}: cannot load (config.json: nested deeper than")

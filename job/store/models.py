@@ -28,6 +28,22 @@ FETCHED = ".fetched.json"  # a cached model's files with sizes and sha256, writt
 MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
 
 
+def check_json_files(folder: str | Path, what: str) -> None:
+    """ConfigError naming ``what`` when a local model folder's JSON files (config, tokenizer) cannot be read
+    within ``job.safe_json``'s bounds: transformers parses them with ``json.loads``, which a config nested
+    100,000 deep ends with RecursionError (exit 1, a traceback). Not a folder (a hub id): nothing to check."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return
+    for file in sorted(p for p in path.iterdir() if p.suffix == ".json" and p.is_file() and not p.name.startswith(".")):
+        try:
+            doc = safe_json.loads(file.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{what}: cannot load ({file.name}: {exc})") from None
+        if file.name == "config.json" and not isinstance(doc, dict):
+            raise ConfigError(f"{what}: cannot load (config.json: not a JSON object)")
+
+
 def model_identity(name: str, setting: str = "QA_MODEL_NAME") -> str:
     """``QA_MODEL_NAME`` by content: the sha256 of a folder's model files, or the commit a hub id resolves to.
 
@@ -69,6 +85,7 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
             path = path / "model"  # a run folder
         if not (path / "config.json").is_file():
             raise ConfigError(f"{what}: no model there (no config.json)")
+        check_json_files(path, what)
         return path
     store = open_storage(uri, COMMAND_LINE_POLICY, endpoint_url, region)
     keys = store.list("")
@@ -86,6 +103,7 @@ def fetch_model(uri: str, dest: Path, endpoint_url: str | None = None, region: s
         except UnsafeName as exc:
             raise ConfigError(f"{what}: refusing an unsafe object name ({exc})") from None
         store.get_file(key, local)
+    check_json_files(dest, what)
     return dest
 
 
