@@ -33,7 +33,9 @@ SHOTS = ("bench", "job")  # (a) bench/gpu.py on the distilbert-base shape; (b) t
 SHOT_DEADLINE_SECONDS = 270  # bench/device/run's own deadline for one shot
 COMMAND_TIMEOUT_SECONDS = 300  # the device tool's timeout_s: the deadline plus the margin for its last writes
 OUT_FILES_LIMIT = 8  # what comes back from $OUT, per call
-NOT_NEEDED = ("boto3",)  # in pyproject.toml, never imported by a local-output run (run's import check asserts it)
+# in pyproject.toml, never imported by the kit's runs (run's import check asserts it): boto3 by a local output, the
+# ONNX packages by a run with QA_EXPORT=none (the kit's jobs export nothing; bench/serve.py measures the exports)
+NOT_NEEDED = ("boto3", "onnx", "onnxscript", "onnxruntime")
 MACHINE_PACKAGES = ("torch", "transformers", "accelerate", "tokenizers", "safetensors", "huggingface-hub")
 
 
