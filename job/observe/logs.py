@@ -84,7 +84,7 @@ def setup_logging(level: int = logging.INFO, rank: int | None = None, fmt: str =
     root.setLevel(level)
     # Third-party libraries speak through the same handler, but only when it matters.
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "datasets", "transformers", "httpx",
-                  "matplotlib", "PIL"):
+                  "matplotlib", "PIL", "onnx_ir", "onnxscript", "onnx", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         import datasets

@@ -21,11 +21,14 @@ def record_fields(record: logging.LogRecord) -> dict:
 
 
 class LibraryRecords(logging.Filter):
-    """Records of other libraries without colour codes; the model-loading report as one event."""
+    """Records of other libraries without colour codes; the model-loading report as one event; no library's
+    information logged on the root logger (the job never logs there)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "job" or record.name.startswith("job."):
             return True
+        if record.name == "root" and record.levelno < logging.WARNING:
+            return False  # a library's chatter on the root logger (ONNX Runtime's quantizer: a line per tensor)
         message = record.getMessage()
         clean = _ANSI.sub("", message)
         report = parse_load_report(clean)

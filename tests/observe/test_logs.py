@@ -111,3 +111,24 @@ def test_a_loss_that_is_not_finite_stays_visible_and_the_line_stays_json(formats
     line = json.loads(as_json.format(rec), parse_constant=lambda word: pytest.fail(f"not JSON: {word}"))
     assert (line["loss"], line["learning_rate"], line["history"]) == ("nan", "inf", [1.0, "-inf"])
     assert "nan" in as_text.format(rec)
+
+
+def test_the_exporters_information_lines_stay_out_of_the_job_log(capsys):
+    """Publishing with the ONNX exports printed ~60 lines of the exporter's passes and the quantizer's
+    per-tensor notes (the latter on the root logger); their warnings still show."""
+    from job.observe.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level, {n: logging.getLogger(n).level for n in ("onnx_ir", "onnxscript")}
+    try:
+        setup_logging(fmt="json")
+        logging.getLogger("onnx_ir.passes.common.unused_removal").info("Removed 12 unused nodes")
+        logging.info('Quantization parameters for tensor:"gelu" not specified')
+        logging.getLogger("job.export").info("export checked", extra={"event": "export"})
+        logging.warning("a library's warning on the root logger")
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+        for name, level in saved[2].items():
+            logging.getLogger(name).setLevel(level)
+    assert [(line["logger"], line.get("event")) for line in lines] == [("job.export", "export"), ("root", "library_warning")]
