@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -167,6 +168,8 @@ def main(argv=None) -> int:
     length = [f"{args.steps} steps" if args.steps else "", f"{args.minutes:g} minutes" if args.minutes else ""]
     print(f"== soak: seed {seed}, {' or '.join(filter(None, length)) or f'{steps} steps'}")
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {machine()}")
+    # stopped (SIGTERM, a test's timeout), the soak still stops its server and unmounts its disks, in the finally below
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     world = World(root, tag=f"{seed:x}")
     os.environ.update({k: v for k, v in world.env(through_proxy=False).items() if k.startswith("AWS_")})  # the answer check's reads
     try:
