@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     print(f"date: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}; machine: {machine()}")
     # stopped (SIGTERM, a test's timeout), the soak still stops its server and unmounts its disks, in the finally below
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the tiny model's "Writing model shards" bar, in the report
     world = World(root, tag=f"{seed:x}")
     os.environ.update({k: v for k, v in world.env(through_proxy=False).items() if k.startswith("AWS_")})  # the answer check's reads
     try:
