@@ -49,7 +49,8 @@ from tests.support.invariants import check_storage
 from tests.support.outcomes import (answers_through_every_channel, check_process, leases_released, retries_converged,
                                     same_as_reference)
 from tests.support.snapshot import Policy
-from tests.support.soakworld import World, json_events
+from tests.support.jobrun import json_events
+from tests.support.soakworld import World
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.jobrun import json_events
+
 IMAGE = os.environ.get("CONTAINER_IMAGE", "")
 DOCKER = os.environ.get("CONTAINER_DOCKER", "docker")
 DATA = Path(__file__).parent / "data"
@@ -104,15 +106,7 @@ def read_json(bucket, key: str):
 
 
 def events(log_text: str) -> list[dict]:
-    out = []
-    for line in log_text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
+    return json_events(log_text.splitlines())
 
 
 def test_image_runs_read_only_as_uid_10001():

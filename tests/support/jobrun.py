@@ -14,6 +14,19 @@ DATA = ROOT / "tests" / "data"
 _KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
+def json_events(lines) -> list[dict]:
+    """The JSON objects among a process's stdout lines (anything else is left to the checks of its logs)."""
+    out = []
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
 @dataclass
 class JobResult:
     returncode: int
@@ -22,13 +35,7 @@ class JobResult:
 
     @property
     def events(self) -> list[dict]:
-        out = []
-        for line in self.stdout.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                pass
-        return out
+        return json_events(self.stdout.splitlines())
 
     def event(self, name: str) -> list[dict]:
         return [e for e in self.events if e.get("event") == name]

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tests.support.faultproxy import FaultProxy
 from tests.support.snapshot import Obj, Snapshot, make_obj
-from tests.support.jobrun import ROOT, _child_env
+from tests.support.jobrun import ROOT, _child_env, json_events
 from tests.support.seaweed import SeaweedServer
 from tests.support.tiny import build_tiny_model
 
@@ -114,19 +114,6 @@ class Fault:
             what = f"{self.kind}({self.amount:g})" if self.amount else self.kind
             return f"{what} at {self.event}#{self.nth}" + (f" for {self.seconds:.0f}s" if self.seconds else "")
         return f"{self.kind} after {self.after:.1f}s"
-
-
-def json_events(lines) -> list[dict]:
-    """The JSON objects among a process's stdout lines (anything else is left to the checks of its logs)."""
-    out = []
-    for line in lines:
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict):
-            out.append(entry)
-    return out
 
 
 @dataclass
